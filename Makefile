@@ -1,0 +1,75 @@
+# The README's commands. `make run` and `make test` create .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
+
+.PHONY: help venv run test test-unit test-integration lint format stack-up stack-down stop stack-status publish-drop suites lock clean-state deploy rollback bench-serving load-test
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(STAMP): requirements.txt requirements-nodeps.txt constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	@touch $@
+
+venv: $(STAMP) ## create the virtualenv (pinned by constraints.txt)
+
+run: $(STAMP) ## start the embedded stack, publish a drop, run the training DAG, print what happened
+	$(PY) -m scripts.run_pipeline $(if $(DS),--ds $(DS))
+
+test: $(STAMP) ## the whole test suite (unit, DAG integrity, integration on a private stack)
+	$(PY) -m pytest
+
+test-unit: $(STAMP) ## tests without the local stack
+	$(PY) -m pytest -m "not integration"
+
+test-integration: $(STAMP) ## DAG runs against a private moto + MLflow stack
+	$(PY) -m pytest -m integration
+
+lint: $(STAMP) ## ruff (incl. Airflow AIR rules) and the GX suites' match with the specs
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m tasks.validate check-suite
+
+format: $(STAMP) ## apply ruff formatting and fixes
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+stack-up: $(STAMP) ## start moto + MLflow, migrate Airflow's DB, apply airflow_settings.yaml, create buckets
+	$(PY) -m scripts.stack up
+
+stack-down: $(STAMP) ## stop what stack-up started (by pid file)
+	$(PY) -m scripts.stack down
+
+stop: stack-down ## alias of stack-down
+
+stack-status: $(STAMP) ## show the stack's services
+	$(PY) -m scripts.stack status
+
+publish-drop: $(STAMP) ## publish a generated day: make publish-drop DS=2026-01-01 [ARGS="--feature-drift 1.0"]
+	@test -n "$(DS)" || (echo "usage: make publish-drop DS=YYYY-MM-DD [ARGS=...]" && exit 2)
+	. .state/env.sh && $(PY) -m tasks.datagen publish --ds $(DS) $(ARGS)
+
+deploy: $(STAMP) ## redeploy the registry's champion to the deploy targets (network_security_deploy DAG)
+	$(PY) -m scripts.deploy redeploy
+
+rollback: $(STAMP) ## champion back to previous_champion, redeployed the same way: make rollback REASON="..."
+	@test -n "$(REASON)" || (echo 'usage: make rollback REASON="why"' && exit 2)
+	$(PY) -m scripts.deploy rollback --reason "$(REASON)"
+
+suites: $(STAMP) ## regenerate include/expectations/*.json from include/datasets/*.yaml
+	$(PY) -m tasks.validate build-suite
+
+lock: ## re-resolve requirements and rewrite constraints.txt
+	rm -rf /tmp/ns-lock && $(PYTHON) -m venv /tmp/ns-lock
+	/tmp/ns-lock/bin/pip install --quiet -r requirements.txt && /tmp/ns-lock/bin/pip install --quiet --no-deps -r requirements-nodeps.txt
+	(echo "# pip freeze of a working install of requirements.txt + requirements-nodeps.txt (Python 3.11, Linux x86_64)."; echo "# Regenerate with: make lock"; /tmp/ns-lock/bin/pip freeze) > constraints.txt
+
+clean-state: stack-down ## stop the stack and delete .state/ (all local data)
+	rm -rf .state

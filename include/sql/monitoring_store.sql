@@ -1,0 +1,58 @@
+-- Monitoring store: the promotion log (one row per gate decision), the deployment log
+-- (one row per target per deploy or rollback) and the drift checks (one row per check).
+-- Portable DDL (SQLite in embedded mode, Postgres in compose); run by the
+-- `ensure_monitoring_store` task with SQLExecuteQueryOperator before anything writes.
+CREATE TABLE IF NOT EXISTS promotion_log (
+    dag_run_id          TEXT NOT NULL,
+    model_name          TEXT NOT NULL,
+    model_version       TEXT NOT NULL,
+    mlflow_run_id       TEXT NOT NULL,
+    ds                  TEXT NOT NULL,
+    decision            TEXT NOT NULL,      -- promote | reject | forced_promote | forced_reject
+    reason              TEXT NOT NULL,
+    primary_metric      TEXT NOT NULL,
+    challenger_metric   DOUBLE PRECISION,
+    champion_version    TEXT,
+    champion_metric     DOUBLE PRECISION,
+    metrics_json        TEXT NOT NULL,
+    decided_at          TEXT NOT NULL,      -- ISO 8601, UTC
+    PRIMARY KEY (dag_run_id, model_version)
+);
+
+CREATE TABLE IF NOT EXISTS deployment_log (
+    deployment_id       TEXT NOT NULL,      -- <dag_run_id>/<target>/<action>
+    dag_run_id          TEXT NOT NULL,
+    action              TEXT NOT NULL,      -- deploy | rollback
+    target              TEXT NOT NULL,      -- local | ec2
+    model_name          TEXT NOT NULL,
+    model_version       TEXT NOT NULL,
+    image_uri           TEXT,
+    instance_ids        TEXT,               -- JSON list (ec2)
+    endpoint            TEXT,               -- URL (local)
+    status              TEXT NOT NULL,      -- deployed | rolled_back | rollback_failed
+    detail              TEXT NOT NULL,
+    recorded_at         TEXT NOT NULL,      -- ISO 8601, UTC
+    PRIMARY KEY (deployment_id)
+);
+
+CREATE TABLE IF NOT EXISTS drift_check (
+    dag_run_id          TEXT NOT NULL,
+    dataset             TEXT NOT NULL,
+    model_name          TEXT NOT NULL,
+    champion_version    TEXT,
+    window_start        TEXT NOT NULL,      -- ISO 8601, UTC (first hour partition)
+    window_end          TEXT NOT NULL,      -- ISO 8601, UTC (the run's data interval end)
+    current_rows        BIGINT,
+    evaluated_rows      BIGINT,             -- < current_rows when Evidently got a sample
+    reference_rows      BIGINT,
+    max_psi             DOUBLE PRECISION,
+    prediction_psi      DOUBLE PRECISION,
+    drifted_features    TEXT NOT NULL,      -- JSON list
+    drift_detected      INTEGER NOT NULL,   -- 0 | 1
+    decision            TEXT NOT NULL,      -- retrain | no_drift | drift_pending | training_active | cooldown | skipped | no_labelled_data
+    reason              TEXT NOT NULL,
+    report_uri          TEXT,
+    triggered_run_id    TEXT,
+    checked_at          TEXT NOT NULL,
+    PRIMARY KEY (dag_run_id)
+);

@@ -1,0 +1,67 @@
+"""Operators specific to this project."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from great_expectations_provider.common.errors import GXValidationFailed
+from great_expectations_provider.operators.validate_batch import GXValidateBatchOperator
+
+from network_security import runtime
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class SnapshotValidationOperator(GXValidateBatchOperator):
+    """Validate the day's snapshot in S3 with the dataset's GX suite.
+
+    The provider's operator does the validation; this subclass adds what the pipeline
+    needs around it: the batch and suite come from the run plan (read from XCom at run
+    time), the result is stored in S3 whatever the outcome, and a failed validation
+    quarantines the drop and fails the task *without retries* (the data will not change
+    by retrying), while infrastructure errors still raise normally and are retried.
+    Returns the URI of the stored result.
+    """
+
+    ui_color = "#ffd9a8"
+
+    def __init__(self, *, plan_task_id: str = "plan_run", **kwargs: Any) -> None:
+        super().__init__(
+            configure_batch_definition=self._batch_definition,
+            configure_expectations=self._expectations,
+            result_format="SUMMARY",
+            context_type="ephemeral",
+            **kwargs,
+        )
+        self.plan_task_id = plan_task_id
+        self._plan: dict[str, Any] | None = None
+
+    def _batch_definition(self, gx_context: Any) -> Any:
+        from tasks.validate import snapshot_batch_definition
+
+        layout = runtime.layout_of(self._plan)
+        return snapshot_batch_definition(gx_context, layout.snapshot, runtime.boto3_options(self._plan))
+
+    def _expectations(self, gx_context: Any) -> Any:
+        from tasks.validate import expectation_suite
+
+        return expectation_suite(runtime.layout_of(self._plan).spec)
+
+    def execute(self, context: Context) -> str:
+        from tasks.validate import describe_failures, write_validation_result
+
+        self._plan = context["ti"].xcom_pull(task_ids=self.plan_task_id)
+        # Rebind to this instance: Airflow runs a copy of the operator built at parse time,
+        # and the callables given to __init__ are bound to the original.
+        self.configure_batch_definition = self._batch_definition
+        self.configure_expectations = self._expectations
+        try:
+            super().execute(context)
+        except GXValidationFailed as failure:
+            result = context["ti"].xcom_pull(task_ids=self.task_id)
+            result_uri = write_validation_result(runtime.s3_client(self._plan), runtime.layout_of(self._plan), result)
+            reasons = "; ".join(describe_failures(result)) or str(failure)
+            runtime.reject(self._plan, f"{reasons} (full result: {result_uri})", "validate")
+        result = context["ti"].xcom_pull(task_ids=self.task_id)
+        return write_validation_result(runtime.s3_client(self._plan), runtime.layout_of(self._plan), result)

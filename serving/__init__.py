@@ -1,0 +1,1 @@
+"""FastAPI model server for the registry's champion (see ``serving.app``)."""

@@ -1,0 +1,566 @@
+"""The model server: FastAPI app serving the registry's champion for one dataset.
+
+Run it with ``uvicorn serving.app:create_app --factory`` (or ``python -m serving``);
+settings come from the environment (see ``serving.config``).
+
+Endpoints: ``GET /health`` (liveness), ``GET /ready`` (a model is loaded), ``GET /metrics``
+(Prometheus), all open; ``GET /model``, ``POST /predict``, ``POST /predict/batch`` and
+``POST /admin/reload`` need the ``X-API-Key`` header.
+"""
+
+# No `from __future__ import annotations` in this module: FastAPI reads the request-body
+# types of the endpoints from their annotations, and those types are generated at run time
+# from the dataset spec inside create_app, where string annotations could not be resolved.
+
+import collections
+import datetime as dt
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.batching import MicroBatcher
+from serving.config import ServingSettings
+from serving.model_store import ModelHandle, ModelStore, ModelUnavailable
+from serving.prediction_log import PredictionLog
+from serving.predictor import Predictor
+from serving.schema import (
+    BatchPrediction,
+    ErrorDetail,
+    ModelInfo,
+    Prediction,
+    ReloadResult,
+    Status,
+    batch_model,
+    fast_decoder,
+    record_model,
+)
+from tasks.dataset_spec import DatasetSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+API_KEY_HEADER = "X-API-Key"
+REQUEST_ID_HEADER = "X-Request-ID"
+# A caller's request id is reused (to trace a call through a gateway) only when it is this tame.
+_CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "The X-API-Key header is missing."},
+    403: {"model": ErrorDetail, "description": "The X-API-Key header is wrong."},
+}
+_NO_MODEL_RESPONSE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorDetail, "description": "No model is loaded, or the model failed."},
+}
+_UNREADABLE_BODY_RESPONSE: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorDetail, "description": "The body cannot be decoded (e.g. not UTF-8)."},
+}
+_PREDICTION_LOG_COUNTERS = {
+    "enqueued": "Predictions queued for the prediction log.",
+    "written": "Predictions written to S3.",
+    "batches_written": "Objects written to S3 by the prediction log.",
+    "write_failures": "Failed writes to S3 (each retried).",
+    "dropped": "Predictions dropped because the buffer was full while S3 was unavailable.",
+}
+
+
+class _ServingCollector(Collector):
+    """Metrics read at scrape time from the store and the log, so they are never stale."""
+
+    def __init__(self, store: ModelStore, prediction_log: PredictionLog | None) -> None:
+        self.store = store
+        self.prediction_log = prediction_log
+
+    def collect(self) -> Iterable[Any]:
+        handle = self.store.current
+        info = GaugeMetricFamily(
+            "model_info", "The model being served (value 1).", labels=["model_name", "model_version", "alias"]
+        )
+        if handle is not None:
+            info.add_metric([handle.name, handle.version, handle.alias or ""], 1.0)
+        yield info
+        yield GaugeMetricFamily("model_loaded", "1 when a model is loaded and served.", value=float(handle is not None))
+        if self.prediction_log is None:
+            return
+        stats = self.prediction_log.stats()
+        for name, documentation in _PREDICTION_LOG_COUNTERS.items():
+            yield CounterMetricFamily(f"prediction_log_{name}", documentation, value=stats[name])
+        yield GaugeMetricFamily(
+            "prediction_log_buffered_records", "Predictions waiting to be written.", value=stats["buffered"]
+        )
+
+
+class _Metrics:
+    def __init__(self, store: ModelStore, prediction_log: PredictionLog | None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests",
+            "HTTP requests by endpoint and status.",
+            ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "Time to answer, by endpoint.",
+            ["endpoint", "method"],
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "predictions",
+            "Predictions served, by predicted label and model version.",
+            ["label", "model_version"],
+            registry=self.registry,
+        )
+        self.micro_batch_records = Histogram(
+            "predict_micro_batch_records",
+            "Single-record requests scored together in one model call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.registry.register(_ServingCollector(store, prediction_log))
+
+
+def _endpoint_label(scope: Scope) -> str:
+    # The route template, not the raw path: unknown paths must not create new time series.
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+class _Observe:
+    """ASGI middleware: the request id (``X-Request-ID`` in and out) and the request metrics.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware``
+    runs every request through an extra task and memory streams, which costs more than
+    scoring a record.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: _Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        caller_id = next((value.decode("latin-1") for name, value in scope["headers"] if name == _REQUEST_ID_KEY), "")
+        request_id = caller_id if _CALLER_REQUEST_ID.match(caller_id) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (_REQUEST_ID_KEY, request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            endpoint = _endpoint_label(scope)
+            method = scope["method"]
+            self.metrics.requests.labels(endpoint, method, str(status)).inc()
+            self.metrics.latency.labels(endpoint, method).observe(time.perf_counter() - started)
+
+
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()
+FastHandler = Callable[[Request], Awaitable[Response | None]]
+
+
+def _with_fast_lane(fast: FastHandler) -> type[APIRoute]:
+    """A route class trying ``fast`` first and falling back to FastAPI's own handling.
+
+    ``fast`` answers the requests it fully understands (authenticated, valid JSON) and
+    returns None for anything else, which FastAPI then handles as declared (401/403,
+    422 naming the field, ...), so the OpenAPI schema and every error stay FastAPI's.
+    """
+
+    class FastLaneRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            standard = super().get_route_handler()
+
+            async def handler(request: Request) -> Response:
+                response = await fast(request)
+                return response if response is not None else await standard(request)
+
+            return handler
+
+    return FastLaneRoute
+
+
+def _is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+def create_app(
+    settings: ServingSettings | None = None,
+    *,
+    store: ModelStore | None = None,
+    prediction_log: PredictionLog | None = None,
+) -> FastAPI:
+    """Build the model server.
+
+    Args:
+        settings: Configuration; read from the environment when omitted.
+        store: Model store to serve from; built from ``settings`` when omitted.
+        prediction_log: Where predictions are logged; built from ``settings`` when omitted
+            (none when ``settings.prediction_log_bucket`` is empty).
+
+    Returns:
+        The app. Its lifespan loads the model and starts the prediction log at start-up,
+        and stops polling and flushes the log at shutdown.
+
+    Raises:
+        ConfigError: The environment is invalid (e.g. no API key).
+        SpecError: The dataset spec cannot be loaded.
+    """
+    if settings is None:
+        settings = ServingSettings.from_env()
+    spec = load_spec(settings.dataset)
+    record_type = record_model(spec)
+    batch_type = batch_model(record_type, settings.max_batch_size)
+    decoder = fast_decoder(spec, settings.max_batch_size)
+    if store is None:
+        store = ModelStore.from_settings(settings, spec)
+    if prediction_log is None and settings.prediction_log_enabled:
+        prediction_log = PredictionLog.from_settings(settings)
+    metrics = _Metrics(store, prediction_log)
+    scorer = _Scorer(spec, store, prediction_log, metrics)
+    # Single records are scored in micro-batches; each still gets the answer it would get alone.
+    batcher: MicroBatcher[tuple[tuple[Any, ...], str], _PredictionBody] = MicroBatcher(
+        scorer.answer_each,
+        max_items=settings.micro_batch_max_records,
+        window_seconds=settings.micro_batch_window_ms / 1000,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Loading takes seconds (download, skops): keep it off the event loop.
+        await run_in_threadpool(store.start)
+        if prediction_log is not None:
+            prediction_log.start()
+        try:
+            yield
+        finally:
+            await batcher.aclose()
+            await run_in_threadpool(store.stop)
+            if prediction_log is not None:
+                await run_in_threadpool(prediction_log.close)
+
+    app = FastAPI(
+        title="Network security model server",
+        version="1.0.0",
+        description=f"Serves {settings.model_name} ({_followed(settings)}) for the `{spec.name}` dataset.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.spec = spec
+    app.state.store = store
+    app.state.prediction_log = prediction_log
+    app.state.metrics_registry = metrics.registry
+    app.state.batcher = batcher
+    app.add_middleware(_Observe, metrics=metrics)
+
+    expected_key = settings.api_key.encode() if settings.api_key else None
+    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="The server's API key.")
+
+    def key_accepted(key: str | None) -> bool:
+        if expected_key is None:
+            return True
+        # As bytes: compare_digest refuses non-ASCII strings, and Starlette decodes header bytes as latin-1.
+        return bool(key) and secrets.compare_digest(key.encode("latin-1"), expected_key)  # type: ignore[union-attr]
+
+    def require_api_key(key: str | None = Security(key_header)) -> None:
+        if expected_key is None:
+            return
+        if not key:
+            raise HTTPException(401, detail=f"missing {API_KEY_HEADER} header")
+        if not key_accepted(key):
+            raise HTTPException(403, detail="invalid API key")
+
+    authenticated = [Depends(require_api_key)]
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        # Logged with its traceback here; the client gets the request id to quote, never the traceback.
+        request_id = getattr(request.state, "request_id", "")
+        log.error("unhandled error in %s %s (request %s)", request.method, request.url.path, request_id, exc_info=error)
+        return JSONResponse({"detail": f"internal error (request {request_id})"}, status_code=500)
+
+    @app.get("/health", response_model=Status, tags=["probes"])
+    def health() -> Status:
+        """Liveness: the process answers. Open."""
+        return Status(status="ok")
+
+    @app.get("/ready", response_model=Status, tags=["probes"], responses={503: {"model": Status}})
+    def ready() -> Any:
+        """Readiness: a model is loaded. Open."""
+        handle = store.current
+        if handle is None:
+            return JSONResponse(
+                Status(status="not ready", detail=store.last_error or "model not loaded yet").model_dump(),
+                status_code=503,
+            )
+        return Status(status="ready", model_version=handle.version)
+
+    @app.get("/metrics", tags=["probes"], response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics. Open."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(
+        "/model",
+        response_model=ModelInfo,
+        dependencies=authenticated,
+        responses={**_AUTH_RESPONSES, **_NO_MODEL_RESPONSE},
+        tags=["model"],
+    )
+    def model_info() -> ModelInfo:
+        """The model being served: version, alias, MLflow run and training-data hash."""
+        handle = scorer.require_model()
+        return ModelInfo(
+            model_name=handle.name,
+            model_version=handle.version,
+            alias=handle.alias,
+            run_id=handle.run_id,
+            training_data_sha256=handle.training_data_sha256,
+            loaded_at=handle.loaded_at.isoformat(),
+        )
+
+    # The fast lane: authenticated, well-formed JSON is decoded by msgspec and answered
+    # directly; everything else (and any body msgspec refuses) takes FastAPI's declared path.
+    def fast_lane_body(request: Request) -> bool:
+        return decoder is not None and _is_json(request) and key_accepted(request.headers.get(API_KEY_HEADER))
+
+    async def fast_predict(request: Request) -> Response | None:
+        if not fast_lane_body(request):
+            return None
+        row = decoder.record(await request.body())  # type: ignore[union-attr]
+        if row is None:
+            return None
+        answer = await batcher.submit((row, request.state.request_id))
+        return Response(msgspec.json.encode(answer), media_type="application/json")
+
+    async def fast_predict_batch(request: Request) -> Response | None:
+        if not fast_lane_body(request):
+            return None
+        rows = decoder.batch(await request.body())  # type: ignore[union-attr]
+        if rows is None:
+            return None
+        body = await run_in_threadpool(scorer.batch_body, rows, request.state.request_id)
+        return Response(body, media_type="application/json")
+
+    async def predict(record: record_type, request: Request) -> Prediction:  # type: ignore[valid-type]
+        """Score one record."""
+        answer = await batcher.submit((scorer.row_of(record), request.state.request_id))
+        return Prediction(**msgspec.structs.asdict(answer))
+
+    def predict_batch(batch: batch_type, request: Request) -> BatchPrediction:  # type: ignore[valid-type]
+        """Score up to MAX_BATCH_SIZE records; predictions come back in request order."""
+        request_id = request.state.request_id
+        rows = [scorer.row_of(record) for record in batch.records]  # type: ignore[attr-defined]
+        handle, labels, probabilities = scorer.score(rows, [f"{request_id}:{i}" for i in range(len(rows))])
+        predictions = [
+            Prediction(
+                label=label,
+                probability=probability,
+                model_name=handle.name,
+                model_version=handle.version,
+                request_id=f"{request_id}:{i}",
+            )
+            for i, (label, probability) in enumerate(zip(labels, probabilities, strict=True))
+        ]
+        return BatchPrediction(predictions=predictions, model_version=handle.version, request_id=request_id)
+
+    scoring_responses = {**_UNREADABLE_BODY_RESPONSE, **_AUTH_RESPONSES, **_NO_MODEL_RESPONSE}
+    for path, endpoint, fast, response_model in (
+        ("/predict", predict, fast_predict, Prediction),
+        ("/predict/batch", predict_batch, fast_predict_batch, BatchPrediction),
+    ):
+        app.router.add_api_route(
+            path,
+            endpoint,
+            methods=["POST"],
+            response_model=response_model,
+            dependencies=authenticated,
+            responses=scoring_responses,
+            tags=["predict"],
+            route_class_override=_with_fast_lane(fast),
+        )
+
+    @app.post(
+        "/admin/reload",
+        response_model=ReloadResult,
+        dependencies=authenticated,
+        responses={
+            **_AUTH_RESPONSES,
+            503: {"model": ErrorDetail, "description": "Reload failed; the old model serves on."},
+        },
+        tags=["admin"],
+    )
+    def reload_model() -> ReloadResult:
+        """Resolve the alias now and serve the version it points at (no-op when unchanged)."""
+        try:
+            old, new = store.reload()
+        except ModelUnavailable as err:
+            serving = store.current.version if store.current else "nothing"
+            raise HTTPException(503, detail=f"reload failed, still serving {serving}: {err}") from err
+        return ReloadResult(old_version=old, new_version=new, reloaded=old != new)
+
+    return app
+
+
+class _PredictionBody(msgspec.Struct):
+    """JSON body of a ``Prediction`` (same fields, same order), encoded without pydantic."""
+
+    label: Any
+    probability: float
+    model_name: str
+    model_version: str
+    request_id: str
+
+
+class _BatchBody(msgspec.Struct):
+    """JSON body of a ``BatchPrediction``."""
+
+    predictions: list[_PredictionBody]
+    model_version: str
+    request_id: str
+
+
+class _Scorer:
+    """Turns validated rows into predictions and prediction-log records."""
+
+    def __init__(
+        self, spec: DatasetSpec, store: ModelStore, prediction_log: PredictionLog | None, metrics: _Metrics
+    ) -> None:
+        self.spec = spec
+        self.store = store
+        self.prediction_log = prediction_log
+        self.metrics = metrics
+        self.feature_names = spec.feature_names
+        self.columns = list(spec.features)
+        # Keys of a prediction-log record, in the order it has always been written.
+        self.log_keys = (
+            "request_id",
+            "timestamp",
+            "model_name",
+            "model_version",
+            *self.feature_names,
+            "label",
+            "probability",
+        )
+
+    def require_model(self) -> ModelHandle:
+        handle = self.store.current
+        if handle is None:
+            reason = self.store.last_error or "still loading"
+            raise HTTPException(503, detail=f"no model loaded ({reason}); retry when /ready answers 200")
+        return handle
+
+    def row_of(self, record: Any) -> tuple[Any, ...]:
+        """A validated pydantic record as a row: its values in the spec's feature order."""
+        values = record.model_dump(by_alias=True)
+        return tuple(values[name] for name in self.feature_names)
+
+    def score(
+        self, rows: Sequence[tuple[Any, ...]], request_ids: Sequence[str], *, each: bool = False
+    ) -> tuple[ModelHandle, list[Any], list[float]]:
+        """Predict with the current model (read once: a concurrent reload cannot mix versions).
+
+        Args:
+            rows: Feature values in the spec's order, one tuple per record.
+            request_ids: The prediction-log id of each row.
+            each: Give every row the answer it would get scored alone (micro-batches of
+                single-record requests); else score the rows as one batch.
+
+        Returns:
+            The model used, the labels (the spec's values) and the positive-class probabilities.
+
+        Raises:
+            HTTPException: 503 when no model is loaded or the model fails or returns a
+                non-finite probability.
+        """
+        handle = self.require_model()
+        predictor = handle.predictor or Predictor(handle.pipeline, self.columns)
+        try:
+            labels, probabilities = (predictor.predict_each if each else predictor.predict)(rows)
+            positive = probabilities[:, handle.classes.index(self.spec.positive_class)]
+        except Exception as err:
+            log.exception("model %s v%s failed on %d records", handle.name, handle.version, len(rows))
+            raise HTTPException(
+                503, detail=f"model {handle.name} v{handle.version} failed to score the request ({type(err).__name__})"
+            ) from err
+        if not np.isfinite(positive).all():
+            log.error("model %s v%s returned non-finite probabilities", handle.name, handle.version)
+            raise HTTPException(503, detail=f"model {handle.name} v{handle.version} returned a non-finite probability")
+        label_values: list[Any] = labels.tolist()
+        probability_values: list[float] = positive.astype(float).tolist()
+        for label, count in collections.Counter(label_values).items():
+            self.metrics.predictions.labels(str(label), handle.version).inc(count)
+        if self.prediction_log is not None:
+            self._log(handle, rows, request_ids, label_values, probability_values)
+        return handle, label_values, probability_values
+
+    def answer_each(self, items: list[tuple[tuple[Any, ...], str]]) -> list[_PredictionBody]:
+        """Answers to single-record requests (row, request id) scored in one micro-batch."""
+        self.metrics.micro_batch_records.observe(len(items))
+        request_ids = [request_id for _, request_id in items]
+        handle, labels, probabilities = self.score([row for row, _ in items], request_ids, each=True)
+        return [
+            _PredictionBody(label, probability, handle.name, handle.version, request_id)
+            for label, probability, request_id in zip(labels, probabilities, request_ids, strict=True)
+        ]
+
+    def batch_body(self, rows: list[tuple[Any, ...]], request_id: str) -> bytes:
+        """The JSON answer to a batch request (scored and encoded off the event loop)."""
+        request_ids = [f"{request_id}:{i}" for i in range(len(rows))]
+        handle, labels, probabilities = self.score(rows, request_ids)
+        predictions = [
+            _PredictionBody(label, probability, handle.name, handle.version, rid)
+            for label, probability, rid in zip(labels, probabilities, request_ids, strict=True)
+        ]
+        return msgspec.json.encode(_BatchBody(predictions, handle.version, request_id))
+
+    def _log(
+        self,
+        handle: ModelHandle,
+        rows: Sequence[tuple[Any, ...]],
+        request_ids: Sequence[str],
+        labels: list[Any],
+        probabilities: list[float],
+    ) -> None:
+        assert self.prediction_log is not None
+        timestamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        keys, name, version = self.log_keys, handle.name, handle.version
+        self.prediction_log.log(
+            dict(zip(keys, (request_id, timestamp, name, version, *row, label, p), strict=True))
+            for request_id, row, label, p in zip(request_ids, rows, labels, probabilities, strict=True)
+        )
+
+
+def _followed(settings: ServingSettings) -> str:
+    return f"pinned version {settings.model_version}" if settings.model_version else f"alias @{settings.model_alias}"
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn serving.app:app` works too, without building an app (and reading the environment) at import time.
+    if name == "app":
+        return create_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,215 @@
+"""Request and response models of the model server, request models generated from the dataset spec.
+
+The spec that drives ingestion and validation also decides what a request may hold, so
+the API rejects exactly what the pipeline would never have trained on: a missing,
+extra or ill-typed feature is FastAPI's 422 naming the field, never a model error.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+from typing import Annotated, Any, Literal
+
+import msgspec
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic_core import PydanticCustomError
+
+from tasks.dataset_spec import CATEGORICAL, ColumnSpec, DatasetSpec
+
+# Keys of a prediction-log record besides the features; a feature with one of these
+# names would overwrite it, so such a spec is refused at start-up.
+RESERVED_RECORD_KEYS = frozenset({"request_id", "timestamp", "model_name", "model_version", "label", "probability"})
+
+
+def _strict_int(value: Any) -> Any:
+    # Literal[-1, 0, 1] alone accepts true and 1.0 (they compare equal to 1): insist on a JSON integer.
+    if type(value) is not int:
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+def _strict_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+def _numeric_bounds(column: ColumnSpec) -> tuple[int | float, int | float]:
+    """Inclusive (low, high) of a numeric column: the spec's bounds within the range of its dtype."""
+    # The pipeline casts requests to the spec's dtype: values outside it would wrap or become inf.
+    info = np.iinfo(column.dtype) if column.is_integer else np.finfo(column.dtype)
+    low = info.min.item() if column.min_value is None else max(column.min_value, info.min.item())
+    high = info.max.item() if column.max_value is None else min(column.max_value, info.max.item())
+    return low, high
+
+
+def _field_type(column: ColumnSpec) -> tuple[Any, dict[str, Any]]:
+    """The annotation and Field arguments accepting exactly the values the spec allows."""
+    if column.kind == CATEGORICAL:
+        allowed = Literal[tuple(column.allowed_values)]  # type: ignore[valid-type]
+        check = _strict_int if column.is_integer else _strict_number
+        return Annotated[allowed, BeforeValidator(check)], {}
+    low, high = _numeric_bounds(column)
+    if column.is_integer:
+        return int, {"strict": True, "ge": low, "le": high}
+    return float, {"strict": True, "allow_inf_nan": False, "ge": low, "le": high}
+
+
+def _identifier(index: int, name: str) -> str:
+    # Python attribute names must be identifiers and must not shadow BaseModel's own; the JSON
+    # name is the alias, so requests and 422 messages use the spec's column name regardless.
+    if (
+        name.isidentifier()
+        and not keyword.iskeyword(name)
+        and not name.startswith("_")
+        and not hasattr(BaseModel, name)
+    ):
+        return name
+    return f"feature_{index}"
+
+
+def record_model(spec: DatasetSpec) -> type[BaseModel]:
+    """A pydantic model of one request record: every feature of ``spec``, required, nothing else.
+
+    Categorical features accept only their allowed values (as JSON integers for integer
+    columns); numeric ones finite numbers within the spec's bounds and the column dtype.
+    Dump with ``model_dump(by_alias=True)`` to get the spec's column names.
+
+    Args:
+        spec: The dataset the served model was trained on.
+
+    Returns:
+        The generated model class, named after the dataset.
+
+    Raises:
+        ValueError: A feature name collides with a prediction-log field.
+    """
+    clashes = sorted(RESERVED_RECORD_KEYS & set(spec.feature_names))
+    if clashes:
+        raise ValueError(f"dataset {spec.name!r} has features named like prediction-log fields: {clashes}")
+    fields: dict[str, Any] = {}
+    for index, column in enumerate(spec.features):
+        annotation, constraints = _field_type(column)
+        fields[_identifier(index, column.name)] = (annotation, Field(alias=column.name, **constraints))
+    title = "".join(part.capitalize() for part in spec.name.split("_")) + "Record"
+    return create_model(title, __config__=ConfigDict(extra="forbid", populate_by_name=False, title=title), **fields)
+
+
+def batch_model(record: type[BaseModel], max_batch_size: int) -> type[BaseModel]:
+    """A pydantic model of ``{"records": [record, ...]}`` with 1 to ``max_batch_size`` records."""
+    title = record.__name__.removesuffix("Record") + "Batch"
+    records_type = list[record]  # type: ignore[valid-type]
+    return create_model(
+        title,
+        __config__=ConfigDict(extra="forbid", title=title),
+        records=(records_type, Field(min_length=1, max_length=max_batch_size)),
+    )
+
+
+class FastDecoder:
+    """Decodes valid request bodies straight from JSON bytes (msgspec), for the hot path.
+
+    It accepts exactly the bodies the pydantic models of ``record_model`` and
+    ``batch_model`` accept, and nothing else: anything it refuses goes to FastAPI's own
+    validation, which answers with the documented 422. Feature values come back as a
+    tuple per record, in the spec's feature order.
+
+    Build it with ``fast_decoder``, which returns None for specs it cannot mirror.
+    """
+
+    def __init__(self, record: type[msgspec.Struct], batch: type[msgspec.Struct]) -> None:
+        self._record = msgspec.json.Decoder(record)
+        self._batch = msgspec.json.Decoder(batch)
+
+    def record(self, body: bytes) -> tuple[Any, ...] | None:
+        """The record's feature values, or None when the body is not a valid record."""
+        try:
+            return msgspec.structs.astuple(self._record.decode(body))
+        except msgspec.MsgspecError:
+            return None
+
+    def batch(self, body: bytes) -> list[tuple[Any, ...]] | None:
+        """The records' feature values, or None when the body is not a valid batch."""
+        try:
+            records = self._batch.decode(body).records  # type: ignore[attr-defined]
+        except msgspec.MsgspecError:
+            return None
+        astuple = msgspec.structs.astuple
+        return [astuple(record) for record in records]
+
+
+def fast_decoder(spec: DatasetSpec, max_batch_size: int) -> FastDecoder | None:
+    """A ``FastDecoder`` mirroring ``record_model(spec)``, or None when msgspec cannot express it.
+
+    Integer categorical features become integer literals (JSON integers only, like
+    ``_strict_int``), numeric ones bounded ints or floats as in ``_field_type``. msgspec has
+    no float literals, so a spec with a float categorical feature gets no fast decoder.
+    """
+    fields: list[tuple[str, Any, Any]] = []
+    for index, column in enumerate(spec.features):
+        if column.kind == CATEGORICAL:
+            if not column.is_integer or not all(type(v) is int for v in column.allowed_values):
+                return None
+            kind: Any = Literal[tuple(column.allowed_values)]  # type: ignore[valid-type]
+        else:
+            low, high = _numeric_bounds(column)
+            if column.is_integer:
+                kind = Annotated[int, msgspec.Meta(ge=math.ceil(low), le=math.floor(high))]
+            else:
+                kind = Annotated[float, msgspec.Meta(ge=float(low), le=float(high))]
+        fields.append((f"f{index}", kind, msgspec.field(name=column.name)))
+    record = msgspec.defstruct(f"{spec.name}_record", fields, forbid_unknown_fields=True)
+    records = Annotated[list[record], msgspec.Meta(min_length=1, max_length=max_batch_size)]  # type: ignore[valid-type]
+    batch = msgspec.defstruct(f"{spec.name}_batch", [("records", records)], forbid_unknown_fields=True)
+    return FastDecoder(record, batch)
+
+
+class Prediction(BaseModel):
+    """The model's answer for one record."""
+
+    label: int | float = Field(description="Predicted label, as the dataset spec writes it (e.g. -1 = phishing).")
+    probability: float = Field(ge=0.0, le=1.0, description="Probability of the dataset's positive class.")
+    model_name: str
+    model_version: str
+    request_id: str = Field(description="Identifier of this prediction in the prediction log.")
+
+
+class BatchPrediction(BaseModel):
+    """The model's answers for a batch, in the order of the request's records."""
+
+    predictions: list[Prediction]
+    model_version: str
+    request_id: str
+
+
+class ModelInfo(BaseModel):
+    """The model being served and where it came from."""
+
+    model_name: str
+    model_version: str
+    alias: str | None = Field(description="Alias followed, or null when a version is pinned.")
+    run_id: str | None
+    training_data_sha256: str | None = Field(description="Content hash of the data the model was trained on.")
+    loaded_at: str
+
+
+class ReloadResult(BaseModel):
+    """Outcome of ``POST /admin/reload``."""
+
+    old_version: str | None
+    new_version: str
+    reloaded: bool = Field(description="False when the alias still pointed at the served version.")
+
+
+class Status(BaseModel):
+    status: str
+    model_version: str | None = None
+    detail: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    """Body of 401, 403 and 503 answers."""
+
+    detail: str

@@ -1,0 +1,497 @@
+"""Delivery: the serving image in ECR, the EC2 fleet through SSM, the smoke test.
+
+Pure functions over boto3 clients (the DAG builds them from the ``aws`` connection, so
+the same code talks to the emulator or to AWS) and over HTTP. The local target (a real
+uvicorn process of the serving app) lives in ``tasks.local_server``.
+
+Embedded mode has no Docker engine: :func:`publish_image` then records the release's
+image manifest in ECR (an OCI manifest whose config names the model version and the
+digest of the serving sources) instead of building and pushing the image. Where an
+engine answers, it builds ``serving/Dockerfile`` and pushes it with ECR credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.dataset_spec import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+DEPLOY_CONFIG = PROJECT_ROOT / "include" / "deploy.yaml"
+# What the serving image is built from (serving/Dockerfile copies exactly these).
+IMAGE_SOURCES = ("serving", "tasks", "include/datasets", "constraints.txt")
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+TARGETS = ("local", "ec2")
+CONTAINER_PORT = 8000
+
+
+class DeployFailed(RuntimeError):
+    """A release could not be shipped or did not pass its checks; the message says where."""
+
+
+class SmokeTestFailed(DeployFailed):
+    """The freshly deployed model did not answer as the new champion should."""
+
+
+@dataclass(frozen=True)
+class EcrConfig:
+    repository: str = "network-security-serving"
+    scan_on_push: bool = True
+    tag_mutability: str = "IMMUTABLE"
+    build: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.build not in ("auto", "docker", "manifest"):
+            raise ValueError(f"ecr.build must be auto, docker or manifest, got {self.build!r}")
+        if self.tag_mutability not in ("IMMUTABLE", "MUTABLE"):
+            raise ValueError(f"ecr.tag_mutability must be IMMUTABLE or MUTABLE, got {self.tag_mutability!r}")
+
+
+@dataclass(frozen=True)
+class Ec2Config:
+    tags: dict[str, str] = field(default_factory=lambda: {"Name": "network-security-serving"})
+    instance_type: str = "t3.small"
+    ami_parameter: str = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+    instance_profile: str = ""
+    slot_ports: tuple[int, int] = (8001, 8002)
+    api_key_parameter: str = "/network-security/serving/api-key"
+
+    def __post_init__(self) -> None:
+        if not self.tags:
+            raise ValueError("ec2.tags must name the serving fleet (at least one tag)")
+        if len(self.slot_ports) != 2 or len(set(self.slot_ports)) != 2:
+            raise ValueError(f"ec2.slot_ports must be two different ports (blue, green), got {self.slot_ports}")
+
+
+@dataclass(frozen=True)
+class SmokeConfig:
+    records: int = 64
+    min_accuracy: float = 0.8
+    timeout_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.records < 1:
+            raise ValueError("smoke.records must be at least 1")
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            raise ValueError(f"smoke.min_accuracy must be within [0, 1], got {self.min_accuracy}")
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    ecr: EcrConfig = field(default_factory=EcrConfig)
+    ec2: Ec2Config = field(default_factory=Ec2Config)
+    smoke: SmokeConfig = field(default_factory=SmokeConfig)
+
+
+def load_deploy_config(path: Path = DEPLOY_CONFIG) -> DeployConfig:
+    """Read ``include/deploy.yaml``; a malformed section fails naming the file and the key."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping with sections ecr, ec2, smoke; got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"ecr", "ec2", "smoke"})
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; known: ecr, ec2, smoke")
+    try:
+        ec2 = dict(raw.get("ec2") or {})
+        if "slot_ports" in ec2:
+            ec2["slot_ports"] = tuple(int(port) for port in ec2["slot_ports"])
+        if "tags" in ec2:
+            if not isinstance(ec2["tags"], dict) or not ec2["tags"]:
+                raise ValueError(f"ec2.tags must be a non-empty mapping of tag names to values, got {ec2['tags']!r}")
+            ec2["tags"] = {str(k): str(v) for k, v in ec2["tags"].items()}
+        return DeployConfig(
+            ecr=EcrConfig(**(raw.get("ecr") or {})),
+            ec2=Ec2Config(**ec2),
+            smoke=SmokeConfig(**(raw.get("smoke") or {})),
+        )
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def parse_targets(value: str) -> tuple[str, ...]:
+    """``"local,ec2"`` → ``("local", "ec2")``; unknown names fail with the known ones."""
+    targets = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unknown deploy target(s) {unknown} in deploy_targets={value!r}; known: {list(TARGETS)}")
+    return targets
+
+
+def release_tag(model_name: str, version: str) -> str:
+    """The image tag of a release: ``<model>-v<version>`` (immutable: one tag, one model version)."""
+    return f"{model_name.replace('_', '-').lower()}-v{version}"
+
+
+# --- ECR ------------------------------------------------------------------------------
+
+
+def ensure_repository(ecr: Any, config: EcrConfig) -> dict[str, Any]:
+    """Create the repository (scan on push, tag mutability as configured) or align an existing one."""
+    try:
+        repository = ecr.create_repository(
+            repositoryName=config.repository,
+            imageTagMutability=config.tag_mutability,
+            imageScanningConfiguration={"scanOnPush": config.scan_on_push},
+        )["repository"]
+        log.info("created ECR repository %s", repository["repositoryUri"])
+        return repository
+    except ecr.exceptions.RepositoryAlreadyExistsException:
+        pass
+    repository = ecr.describe_repositories(repositoryNames=[config.repository])["repositories"][0]
+    if repository.get("imageTagMutability") != config.tag_mutability:
+        ecr.put_image_tag_mutability(repositoryName=config.repository, imageTagMutability=config.tag_mutability)
+    if repository.get("imageScanningConfiguration", {}).get("scanOnPush") != config.scan_on_push:
+        ecr.put_image_scanning_configuration(
+            repositoryName=config.repository, imageScanningConfiguration={"scanOnPush": config.scan_on_push}
+        )
+    return {
+        **repository,
+        "imageTagMutability": config.tag_mutability,
+        "imageScanningConfiguration": {"scanOnPush": config.scan_on_push},
+    }
+
+
+def source_digest(root: Path = PROJECT_ROOT, sources: tuple[str, ...] = IMAGE_SOURCES) -> str:
+    """sha256 over the files the serving image is built from (paths and contents, sorted)."""
+    digest = hashlib.sha256()
+    for source in sources:
+        path = root / source
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            if "__pycache__" in file.parts or file.suffix == ".pyc":
+                continue
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(file.read_bytes() + b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
+def image_manifest(labels: dict[str, str]) -> str:
+    """An OCI image manifest (no layers) whose config carries the release's labels."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Labels": labels}}, sort_keys=True).encode()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": OCI_CONFIG,
+            "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+            "size": len(config),
+        },
+        "layers": [],
+        "annotations": labels,
+    }
+    return json.dumps(manifest, sort_keys=True)
+
+
+def find_image(ecr: Any, repository: str, tag: str) -> dict[str, Any] | None:
+    try:
+        details = ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])["imageDetails"]
+    except ecr.exceptions.ImageNotFoundException:
+        return None
+    return details[0] if details else None
+
+
+def docker_engine_available(timeout: float = 10.0) -> bool:
+    """True when ``docker info`` reaches an engine (a client alone is not enough)."""
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=timeout).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def publish_image(
+    ecr: Any,
+    config: EcrConfig,
+    *,
+    model_name: str,
+    model_version: str,
+    labels: dict[str, str] | None = None,
+    registry_login: Callable[[], tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Make sure the serving image of this release is in ECR, tagged with the model version.
+
+    Args:
+        ecr: boto3 ECR client.
+        config: Repository settings and how to build (auto, docker, manifest).
+        model_name: Registered model name.
+        model_version: Version being released (the tag is :func:`release_tag`).
+        labels: Extra image labels (e.g. the MLflow run id, the git SHA).
+        registry_login: Returns ``(username, password)`` for ``docker login`` (from
+            ``EcrHook``); called only when the image is built.
+
+    Returns:
+        ``image_uri``, ``tag``, ``digest``, ``repository``, ``how`` (docker, manifest or existing).
+
+    Raises:
+        DeployFailed: The build or push failed (the message carries the tool's output).
+    """
+    repository = ensure_repository(ecr, config)
+    tag = release_tag(model_name, model_version)
+    image_uri = f"{repository['repositoryUri']}:{tag}"
+    existing = find_image(ecr, config.repository, tag)
+    result = {"image_uri": image_uri, "tag": tag, "repository": config.repository}
+    if existing is not None:
+        # Tags are immutable: the release's image is already there (a retried or repeated deploy).
+        log.info("image %s already in ECR (%s)", image_uri, existing["imageDigest"])
+        return {**result, "digest": existing["imageDigest"], "how": "existing"}
+    all_labels = {
+        "org.opencontainers.image.title": "network-security-serving",
+        "org.opencontainers.image.version": tag,
+        "network-security.model-name": model_name,
+        "network-security.model-version": model_version,
+        "network-security.source-digest": source_digest(),
+        **(labels or {}),
+    }
+    use_docker = config.build == "docker" or (config.build == "auto" and docker_engine_available())
+    if use_docker:
+        _docker_build_and_push(image_uri, all_labels, registry_login() if registry_login else None)
+        digest = (find_image(ecr, config.repository, tag) or {}).get("imageDigest", "")
+        return {**result, "digest": digest, "how": "docker"}
+    log.warning("no Docker engine: recording the image manifest of %s in ECR instead of building it", image_uri)
+    image = ecr.put_image(
+        repositoryName=config.repository,
+        imageManifest=image_manifest(all_labels),
+        imageManifestMediaType=OCI_MANIFEST,
+        imageTag=tag,
+    )["image"]
+    return {**result, "digest": image["imageId"]["imageDigest"], "how": "manifest"}
+
+
+def _docker_build_and_push(image_uri: str, labels: dict[str, str], login: tuple[str, str] | None) -> None:
+    registry = image_uri.split("/", 1)[0]
+    label_args = [arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]
+    steps: list[tuple[list[str], str | None]] = []
+    if login is not None:
+        steps.append((["docker", "login", "--username", login[0], "--password-stdin", registry], login[1]))
+    steps += [
+        (["docker", "build", "-f", "serving/Dockerfile", "-t", image_uri, *label_args, "."], None),
+        (["docker", "push", image_uri], None),
+    ]
+    for command, stdin in steps:
+        done = subprocess.run(command, cwd=PROJECT_ROOT, input=stdin, capture_output=True, text=True)
+        if done.returncode != 0:
+            shown = " ".join(command[:2])
+            raise DeployFailed(f"`{shown}` failed for {image_uri}: {done.stderr.strip()[-2000:]}")
+
+
+# --- EC2 and SSM ------------------------------------------------------------------------
+
+
+def tag_filters(tags: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"Name": f"tag:{key}", "Values": [value]} for key, value in tags.items()]
+
+
+def find_instances(ec2: Any, tags: dict[str, str]) -> list[str]:
+    """Ids of the pending or running instances carrying all ``tags``."""
+    filters = [*tag_filters(tags), {"Name": "instance-state-name", "Values": ["pending", "running"]}]
+    reservations = ec2.describe_instances(Filters=filters)["Reservations"]
+    return sorted(instance["InstanceId"] for r in reservations for instance in r["Instances"])
+
+
+def user_data(config: Ec2Config, *, region: str, tracking_uri: str, environment: dict[str, str]) -> str:
+    """cloud-init script of a serving host: Docker, nginx in front of two slots, the serving env.
+
+    The rollout itself is not baked in here: every release sends :func:`rollout_commands`
+    through SSM, so a host launched long ago still runs the current procedure.
+    """
+    blue, _ = config.slot_ports
+    env_lines = "\n".join(
+        f"{key}={value}"
+        for key, value in {
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "AWS_DEFAULT_REGION": region,
+            "API_KEY_FILE": "/run/secrets/api_key",
+            **environment,
+        }.items()
+    )
+    return f"""#!/bin/bash
+# network-security serving host (written by tasks/deploy.py:user_data)
+set -euo pipefail
+dnf install -y docker nginx
+systemctl enable --now docker
+mkdir -p /opt/ns-serving
+cat > /opt/ns-serving/serving.env <<'ENV'
+{env_lines}
+ENV
+aws ssm get-parameter --region {shlex.quote(region)} --with-decryption \\
+    --name {shlex.quote(config.api_key_parameter)} --query Parameter.Value --output text > /opt/ns-serving/api_key
+chmod 600 /opt/ns-serving/api_key
+echo 'server 127.0.0.1:{blue};' > /etc/nginx/ns-upstream.conf
+cat > /etc/nginx/conf.d/ns-serving.conf <<'NGINX'
+upstream ns_serving {{ include /etc/nginx/ns-upstream.conf; }}
+server {{ listen 80; location / {{ proxy_pass http://ns_serving; }} }}
+NGINX
+systemctl enable --now nginx
+"""
+
+
+def ensure_instances(ec2: Any, ssm: Any, config: Ec2Config, script: str) -> dict[str, Any]:
+    """The serving fleet's instance ids; launch one (with ``script`` as user-data) if none runs."""
+    existing = find_instances(ec2, config.tags)
+    if existing:
+        return {"instance_ids": existing, "launched": []}
+    ami = ssm.get_parameter(Name=config.ami_parameter)["Parameter"]["Value"]
+    tags = [{"Key": key, "Value": value} for key, value in config.tags.items()]
+    request: dict[str, Any] = {
+        "ImageId": ami,
+        "InstanceType": config.instance_type,
+        "MinCount": 1,
+        "MaxCount": 1,
+        "UserData": script,
+        "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
+        "MetadataOptions": {"HttpTokens": "required"},
+    }
+    if config.instance_profile:
+        request["IamInstanceProfile"] = {"Name": config.instance_profile}
+    launched = [i["InstanceId"] for i in ec2.run_instances(**request)["Instances"]]
+    ec2.get_waiter("instance_running").wait(InstanceIds=launched, WaiterConfig={"Delay": 5, "MaxAttempts": 60})
+    log.info("launched serving instance(s) %s from %s", launched, ami)
+    return {"instance_ids": launched, "launched": launched}
+
+
+def rollout_commands(
+    *, image_uri: str, model_version: str, region: str, config: Ec2Config, action: str = "deploy"
+) -> list[str]:
+    """Shell commands (AWS-RunShellScript) for a blue/green switch on a serving host.
+
+    ``deploy``: pull the image, start it in the idle slot pinned to ``model_version``, wait
+    until ``/ready``, check ``/model`` reports that version, point nginx at it; the old
+    container keeps running for rollback. ``rollback``: point nginx back at the other slot.
+    """
+    if action not in ("deploy", "rollback"):
+        raise ValueError(f"action must be deploy or rollback, got {action!r}")
+    blue, green = config.slot_ports
+    variables = [
+        f"IMAGE_URI={shlex.quote(image_uri)}",
+        f"MODEL_VERSION={shlex.quote(model_version)}",
+        f"REGION={shlex.quote(region)}",
+        f"ACTION={action}",
+    ]
+    script = f"""
+cd /opt/ns-serving
+LIVE=$(cat live 2>/dev/null || echo green)
+if [ "$ACTION" = rollback ]; then
+  OTHER=$([ "$LIVE" = blue ] && echo green || echo blue)
+  OTHER_PORT=$([ "$OTHER" = blue ] && echo {blue} || echo {green})
+  docker start "ns-serving-$OTHER"
+  echo "server 127.0.0.1:$OTHER_PORT;" > /etc/nginx/ns-upstream.conf && nginx -s reload
+  echo "$OTHER" > live && echo "rolled back to slot $OTHER" && exit 0
+fi
+NEW=$([ "$LIVE" = blue ] && echo green || echo blue)
+PORT=$([ "$NEW" = blue ] && echo {blue} || echo {green})
+aws ecr get-login-password --region "$REGION" | docker login --username AWS --password-stdin "${{IMAGE_URI%%/*}}"
+docker pull "$IMAGE_URI"
+docker rm -f "ns-serving-$NEW" 2>/dev/null || true
+docker run -d --name "ns-serving-$NEW" --restart unless-stopped --env-file serving.env \\
+  -e MODEL_VERSION="$MODEL_VERSION" -v /opt/ns-serving/api_key:/run/secrets/api_key:ro \\
+  -p "127.0.0.1:$PORT:{CONTAINER_PORT}" "$IMAGE_URI"
+for attempt in $(seq 1 60); do
+  curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null && break
+  [ "$attempt" = 60 ] && {{ docker logs --tail 50 "ns-serving-$NEW"; docker rm -f "ns-serving-$NEW"; exit 1; }}
+  sleep 2
+done
+SERVED=$(curl -fsS -H "X-API-Key: $(cat api_key)" "http://127.0.0.1:$PORT/model" | python3 -c 'import json,sys; print(json.load(sys.stdin)["model_version"])')
+if [ "$SERVED" != "$MODEL_VERSION" ]; then
+  echo "slot $NEW serves v$SERVED, expected v$MODEL_VERSION"; docker rm -f "ns-serving-$NEW"; exit 1
+fi
+echo "server 127.0.0.1:$PORT;" > /etc/nginx/ns-upstream.conf && nginx -s reload
+echo "$NEW" > live
+echo "slot $NEW now serves v$MODEL_VERSION ($IMAGE_URI); previous slot kept for rollback"
+"""
+    return ["set -euo pipefail", *variables, script.strip()]
+
+
+# --- smoke test ---------------------------------------------------------------------
+
+
+def smoke_test(
+    base_url: str,
+    api_key: str,
+    records: list[dict[str, Any]],
+    labels: list[Any],
+    *,
+    expected_version: str,
+    min_accuracy: float,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Send labelled records to a freshly deployed server and check it is the new champion.
+
+    Checks: ``/ready`` answers within ``timeout``; ``/model`` and every prediction report
+    ``expected_version``; single and batch predictions agree; accuracy on the sample is
+    at least ``min_accuracy``.
+
+    Returns:
+        What was measured (records, accuracy, served version, latency).
+
+    Raises:
+        SmokeTestFailed: Any check failed; the message says which and with what values.
+    """
+    import httpx
+
+    headers = {"X-API-Key": api_key}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=30.0) as client:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if client.get("/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SmokeTestFailed(f"{base_url}/ready did not answer 200 within {timeout:.0f} s")
+            time.sleep(0.5)
+        served = client.get("/model")
+        if served.status_code != 200 or _json(served).get("model_version") != expected_version:
+            raise SmokeTestFailed(
+                f"{base_url}/model answered {served.status_code} {served.text[:200]}; expected v{expected_version}"
+            )
+        started = time.perf_counter()
+        single = client.post("/predict", json=records[0])
+        batch = client.post("/predict/batch", json={"records": records})
+        elapsed = time.perf_counter() - started
+    for name, response in (("/predict", single), ("/predict/batch", batch)):
+        if response.status_code != 200:
+            raise SmokeTestFailed(f"{base_url}{name} answered {response.status_code}: {response.text[:300]}")
+    predictions = _json(batch).get("predictions") or []
+    if len(predictions) != len(labels):
+        raise SmokeTestFailed(f"/predict/batch answered {len(predictions)} predictions for {len(labels)} records")
+    versions = {p["model_version"] for p in predictions} | {single.json()["model_version"]}
+    if versions != {expected_version}:
+        raise SmokeTestFailed(f"predictions came from version(s) {sorted(versions)}, expected v{expected_version}")
+    if single.json()["label"] != predictions[0]["label"]:
+        raise SmokeTestFailed("the single and the batch prediction of the same record disagree")
+    hits = sum(p["label"] == label for p, label in zip(predictions, labels, strict=True))
+    accuracy = hits / len(labels)
+    if accuracy < min_accuracy:
+        raise SmokeTestFailed(
+            f"v{expected_version} scored accuracy {accuracy:.3f} on {len(labels)} smoke records "
+            f"(minimum {min_accuracy:.3f})"
+        )
+    return {
+        "url": base_url,
+        "model_version": expected_version,
+        "records": len(labels),
+        "accuracy": round(accuracy, 4),
+        "seconds": round(elapsed, 3),
+    }
+
+
+def _json(response: Any) -> dict[str, Any]:
+    """The body as a JSON object, or an empty one (a malformed answer fails the checks, not the parser)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -1,0 +1,245 @@
+"""Model registry: champion/challenger evaluation on the same holdout, and alias moves.
+
+Aliases, not stages: ``challenger`` (just trained), ``champion`` (serving) and
+``previous_champion`` (the rollback target). Only ``promote`` moves ``champion``,
+and only after the gate said so; evaluation never touches an alias.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tasks.dataset_spec import DatasetSpec
+from tasks.evaluate import (
+    classification_metrics,
+    confusion_matrix_png,
+    positive_scores,
+    pr_curve_png,
+    roc_curve_png,
+)
+from tasks.gate import GateRule, decide
+from tasks.model_card import render_model_card
+from tasks.train import CHAMPION, PREVIOUS_CHAMPION, check_tracking_server
+
+log = logging.getLogger(__name__)
+
+
+def alias_version(client: Any, model_name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def load_version(model_name: str, version: str) -> Any:
+    import mlflow.sklearn
+
+    return mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
+
+
+def score(model: Any, test: pd.DataFrame, spec: DatasetSpec) -> tuple[dict[str, float], Any, Any]:
+    features, truth = test[spec.feature_names], test[spec.target.name]
+    predictions = model.predict(features)
+    scores = positive_scores(model, features, spec.positive_class)
+    return classification_metrics(truth, predictions, scores, spec.positive_class), predictions, scores
+
+
+def evaluate_challenger(
+    *,
+    test: pd.DataFrame,
+    spec: DatasetSpec,
+    rule: GateRule,
+    tracking_uri: str,
+    model_name: str,
+    training: dict[str, Any],
+    data: dict[str, Any],
+    trigger: dict[str, Any] | None,
+    force: str | None = None,
+    force_reason: str | None = None,
+) -> dict[str, Any]:
+    """Score challenger and champion on the same test split, log the evidence, decide.
+
+    Logs to the training run: test metrics of both models, confusion matrix, ROC and PR
+    plots, and the model card with the gate decision and its reasons. Moves no alias.
+
+    Returns:
+        The decision (``promote``/``reject``/``forced_*``), its reasons, both versions and metrics.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    check_tracking_server(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    challenger_version = training["model_version"]
+    champion_version = alias_version(client, model_name, CHAMPION)
+
+    challenger = load_version(model_name, challenger_version)
+    challenger_metrics, predictions, challenger_scores = score(challenger, test, spec)
+    curves = {f"challenger v{challenger_version}": challenger_scores}
+    champion_metrics = None
+    if champion_version is not None:
+        champion_metrics, _, champion_scores = score(load_version(model_name, champion_version), test, spec)
+        curves[f"champion v{champion_version}"] = champion_scores
+    decision = decide(rule, challenger_metrics, champion_metrics, force=force, force_reason=force_reason)
+    log.info("gate: %s (%s)", decision.decision, "; ".join(decision.reasons))
+
+    card = render_model_card(
+        model_name=model_name,
+        challenger_version=challenger_version,
+        champion_version=champion_version,
+        spec_dict=spec.to_dict(),
+        data=data,
+        training={
+            "estimator": training["best_estimator"],
+            "params": training["params"],
+            "cv_metrics": training["cv_metrics"],
+            "mlflow_run_id": training["run_id"],
+            "git_sha": training["git_sha"],
+        },
+        challenger_metrics=challenger_metrics,
+        champion_metrics=champion_metrics,
+        decision=decision,
+        trigger=trigger,
+    )
+    truth = test[spec.target.name]
+    labels = sorted(spec.target.allowed_values)
+    with mlflow.start_run(run_id=training["run_id"]), tempfile.TemporaryDirectory() as folder:
+        mlflow.log_metrics({f"test_{k}": v for k, v in challenger_metrics.items() if v == v})
+        if champion_metrics:
+            mlflow.log_metrics({f"champion_test_{k}": v for k, v in champion_metrics.items() if v == v})
+        plots = {
+            "confusion_matrix.png": confusion_matrix_png(
+                truth, predictions, labels, f"challenger v{challenger_version}"
+            ),
+            "roc_curve.png": roc_curve_png(truth, curves, spec.positive_class, "ROC on the test split"),
+            "pr_curve.png": pr_curve_png(truth, curves, spec.positive_class, "Precision-recall on the test split"),
+        }
+        for name, body in plots.items():
+            (Path(folder) / name).write_bytes(body)
+        mlflow.log_artifacts(folder, artifact_path="evaluation")
+        mlflow.log_text(card, "model_card.md")
+        mlflow.log_dict(decision.as_dict(), "evaluation/gate_decision.json")
+        mlflow.set_tags(
+            {
+                "gate_decision": decision.decision,
+                "gate_reasons": " | ".join(decision.reasons)[:5000],
+                "champion_version_at_evaluation": champion_version or "none",
+            }
+        )
+    return {
+        "decision": decision.decision,
+        "promote": decision.promote,
+        "forced": decision.forced,
+        "reasons": list(decision.reasons),
+        "rule": rule.describe(),
+        "primary_metric": rule.primary_metric,
+        "challenger_version": challenger_version,
+        "champion_version": champion_version,
+        "challenger_metrics": challenger_metrics,
+        "champion_metrics": champion_metrics,
+        "run_id": training["run_id"],
+    }
+
+
+def promote(*, tracking_uri: str, model_name: str, version: str) -> dict[str, str | None]:
+    """Make ``version`` the champion; the old champion becomes ``previous_champion``.
+
+    ``previous_champion`` is written first: if the second call fails, ``champion`` still
+    points at the old model and the run fails, so a partial promotion never serves.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    check_tracking_server(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    old = alias_version(client, model_name, CHAMPION)
+    if old == version:
+        log.info("%s v%s is already the champion", model_name, version)
+        return {
+            "champion_version": version,
+            "previous_champion_version": alias_version(client, model_name, PREVIOUS_CHAMPION),
+        }
+    if old is not None:
+        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, old)
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    log.info("%s: champion v%s -> v%s", model_name, old, version)
+    return {"champion_version": version, "previous_champion_version": old}
+
+
+class NothingToRollBack(RuntimeError):
+    """There is no ``previous_champion`` to return to."""
+
+
+def roll_back(*, tracking_uri: str, model_name: str, reason: str) -> dict[str, str | None]:
+    """Make ``previous_champion`` the champion again; the demoted version is tagged with why.
+
+    ``previous_champion`` is removed afterwards: it now serves, and the version before it
+    is not known to be good, so a second rollback has nothing to return to (and says so).
+
+    Returns:
+        ``champion_version`` (restored) and ``rolled_back_version`` (demoted, may be None
+        when no champion was set).
+
+    Raises:
+        NothingToRollBack: No ``previous_champion`` alias exists.
+    """
+    from mlflow import MlflowClient
+
+    check_tracking_server(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    previous = alias_version(client, model_name, PREVIOUS_CHAMPION)
+    current = alias_version(client, model_name, CHAMPION)
+    if previous is None:
+        raise NothingToRollBack(
+            f"{model_name} has no {PREVIOUS_CHAMPION} alias (champion is v{current}): nothing to roll back to"
+        )
+    client.set_registered_model_alias(model_name, CHAMPION, previous)
+    client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
+    if current is not None and current != previous:
+        client.set_model_version_tag(model_name, current, "rolled_back", reason[:5000])
+    log.warning("%s: champion v%s rolled back to v%s (%s)", model_name, current, previous, reason)
+    return {"champion_version": previous, "rolled_back_version": current}
+
+
+def release_info(*, tracking_uri: str, model_name: str, alias: str = CHAMPION) -> dict[str, Any]:
+    """What a deploy needs to know about the version an alias points at.
+
+    Returns:
+        ``model_name``, ``model_version``, ``run_id``, ``git_sha``, ``content_sha256`` and
+        ``test_uri`` (the held-out split the version was evaluated on: the smoke records).
+
+    Raises:
+        LookupError: The alias is not set.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    check_tracking_server(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    version = alias_version(client, model_name, alias)
+    if version is None:
+        raise LookupError(f"registered model {model_name!r} has no {alias!r} alias: train and promote a model first")
+    details = client.get_model_version(model_name, version)
+    run = client.get_run(details.run_id)
+    mlflow.set_tracking_uri(tracking_uri)
+    lineage = mlflow.artifacts.load_dict(f"runs:/{details.run_id}/lineage.json")
+    return {
+        "model_name": model_name,
+        "model_version": str(version),
+        "run_id": details.run_id,
+        "git_sha": run.data.tags.get("git_sha", ""),
+        "content_sha256": (details.tags or {}).get("content_sha256", ""),
+        "test_uri": lineage["features_uri"].rstrip("/") + "/test.parquet",
+    }

@@ -1,0 +1,161 @@
+"""S3 access for the pipeline: URIs, bytes, JSON and parquet, on any boto3 S3 client.
+
+The client is passed in (from Airflow's ``S3Hook`` inside DAGs, from a plain boto3
+session in scripts and tests), so the same code talks to the emulator or to AWS.
+Files are read into memory: a day's drop is megabytes, not gigabytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class StorageUnavailable(RuntimeError):
+    """The S3 endpoint cannot be reached; transient, the task should be retried."""
+
+
+class MissingBucket(RuntimeError):
+    """A configured bucket does not exist: a setup problem, not a data problem."""
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def child(self, name: str) -> S3Location:
+        return S3Location(self.bucket, f"{self.key.rstrip('/')}/{name}")
+
+
+def parse_s3_uri(uri: str) -> S3Location:
+    """Split ``s3://bucket/key`` into its parts.
+
+    Raises:
+        ValueError: The string is not an ``s3://`` URI with a bucket.
+    """
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise ValueError(f"not an s3://bucket/key URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    return S3Location(bucket, key)
+
+
+def endpoint_of(client: Any) -> str:
+    return getattr(client.meta, "endpoint_url", "the default AWS endpoint")
+
+
+@contextmanager
+def reachable(client: Any) -> Iterator[None]:
+    """Turn connection failures into one clear error naming the endpoint."""
+    try:
+        yield
+    except EndpointConnectionError as err:
+        raise StorageUnavailable(
+            f"S3 endpoint {endpoint_of(client)} is unreachable ({err}). In embedded mode start "
+            "the emulator with `make stack-up`; otherwise check the `endpoint_url` extra of the "
+            "AWS connection."
+        ) from err
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") != "NoSuchBucket":
+            raise
+        bucket = err.response["Error"].get("BucketName", "")
+        raise MissingBucket(
+            f"bucket {bucket!r} does not exist at {endpoint_of(client)}. Buckets are infrastructure: "
+            "`make stack-up` creates them in embedded mode; on AWS create them (or fix the bucket "
+            "names in the network_security_config Variable)."
+        ) from err
+
+
+def ensure_bucket(client: Any, bucket: str) -> None:
+    with reachable(client):
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError:
+            client.create_bucket(Bucket=bucket)
+
+
+def put_bytes(client: Any, location: S3Location, body: bytes, metadata: dict[str, str] | None = None) -> str:
+    with reachable(client):
+        client.put_object(Bucket=location.bucket, Key=location.key, Body=body, Metadata=metadata or {})
+    return location.uri
+
+
+def get_bytes(client: Any, location: S3Location) -> bytes:
+    with reachable(client):
+        return client.get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
+
+
+def put_json(client: Any, location: S3Location, payload: Any) -> str:
+    body = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+    with reachable(client):
+        client.put_object(Bucket=location.bucket, Key=location.key, Body=body, ContentType="application/json")
+    return location.uri
+
+
+def get_json(client: Any, location: S3Location) -> Any:
+    return json.loads(get_bytes(client, location))
+
+
+def exists(client: Any, location: S3Location) -> bool:
+    with reachable(client):
+        try:
+            client.head_object(Bucket=location.bucket, Key=location.key)
+        except ClientError as err:
+            if err.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return True
+
+
+def list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    """All keys under ``prefix``, sorted, so reading a day's files is deterministic."""
+    keys: list[str] = []
+    with reachable(client):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    return sorted(keys)
+
+
+def delete_prefix(client: Any, bucket: str, prefix: str) -> int:
+    """Delete every key under ``prefix``; returns how many were deleted."""
+    keys = list_keys(client, bucket, prefix)
+    with reachable(client):
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    return len(keys)
+
+
+def copy(client: Any, source: S3Location, target: S3Location) -> str:
+    with reachable(client):
+        client.copy_object(
+            Bucket=target.bucket, Key=target.key, CopySource={"Bucket": source.bucket, "Key": source.key}
+        )
+    return target.uri
+
+
+def write_parquet(
+    client: Any, location: S3Location, frame: pd.DataFrame, metadata: dict[str, str] | None = None
+) -> str:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False, engine="pyarrow", compression="zstd")
+    return put_bytes(client, location, buffer.getvalue(), metadata)
+
+
+def read_parquet(client: Any, location: S3Location, columns: list[str] | None = None) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(get_bytes(client, location)), columns=columns, engine="pyarrow")

@@ -1,0 +1,68 @@
+"""Test session setup: a private embedded stack, never the developer's own.
+
+Airflow reads its configuration when first imported, so the environment of a
+private stack (its own state folder under /tmp and free ports) is set here, at
+conftest import, before any test module imports Airflow. The stack itself (moto,
+MLflow, migrated Airflow DB, buckets) starts only when an integration test asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from scripts import stack
+
+_AWS_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+STATE_DIR = Path(tempfile.mkdtemp(prefix="ns-test-stack-"))
+PATHS = stack.Paths(STATE_DIR)
+PORTS = stack.Ports(moto=_free_port(), mlflow=_free_port(), airflow=_free_port(), serving=_free_port())
+STACK_ENV = stack.stack_environment(PATHS, PORTS)
+# AWS_* stay out of this process's environment: unit tests use moto's in-process mock,
+# which an AWS_ENDPOINT_URL would bypass. Integration tests build explicit clients.
+os.environ.update({k: v for k, v in STACK_ENV.items() if k not in _AWS_KEYS})
+os.environ["NS_RETRY_DELAY_SECONDS"] = "1"
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    """The private stack, started once per session and stopped (state deleted) at the end."""
+    try:
+        stack.up(PATHS, PORTS)
+        yield STACK_ENV
+    finally:
+        stack.down(PATHS, PORTS)
+        shutil.rmtree(STATE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3(local_stack):
+    """A boto3 S3 client on the private emulator."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=local_stack["AWS_ENDPOINT_URL"],
+        aws_access_key_id=local_stack["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=local_stack["AWS_SECRET_ACCESS_KEY"],
+        region_name=local_stack["AWS_DEFAULT_REGION"],
+    )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR  # a run that tests nothing must not pass
+    shutil.rmtree(STATE_DIR, ignore_errors=True)

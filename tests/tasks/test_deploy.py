@@ -1,0 +1,916 @@
+"""Delivery without a network: the deploy config, ECR/EC2/SSM against moto, the shell scripts, the smoke test."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shlex
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+import yaml
+from moto import mock_aws
+
+from tasks import deploy
+from tasks.dataset_spec import PROJECT_ROOT
+from tasks.deploy import (
+    DEPLOY_CONFIG,
+    OCI_MANIFEST,
+    DeployConfig,
+    DeployFailed,
+    Ec2Config,
+    EcrConfig,
+    SmokeTestFailed,
+    ensure_instances,
+    ensure_repository,
+    load_deploy_config,
+    parse_targets,
+    publish_image,
+    release_tag,
+    rollout_commands,
+    smoke_test,
+    source_digest,
+    user_data,
+)
+
+REGION = "us-east-1"
+AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """ECR, EC2 and SSM clients on moto's in-process mock (same isolation as the ``mock_s3`` fixture)."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    with mock_aws():
+        yield {name: boto3.client(name, region_name=REGION) for name in ("ecr", "ec2", "ssm")}
+
+
+def write_config(tmp_path: Path, mutate: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """The shipped deploy.yaml, changed by ``mutate``, written under ``tmp_path``."""
+    raw = yaml.safe_load(DEPLOY_CONFIG.read_text())
+    if mutate is not None:
+        mutate(raw)
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def bash_syntax_ok(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "script.sh"
+    path.write_text(script)
+    return subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+
+
+# --- load_deploy_config -----------------------------------------------------------------
+
+
+def test_shipped_deploy_config_loads_with_its_values():
+    config = load_deploy_config()
+    assert isinstance(config, DeployConfig)
+    assert config.ecr == EcrConfig(
+        repository="network-security-serving", scan_on_push=True, tag_mutability="IMMUTABLE", build="auto"
+    )
+    assert config.ec2.tags == {
+        "Name": "network-security-serving",
+        "Project": "network-security",
+        "Role": "model-server",
+    }
+    assert config.ec2.slot_ports == (8001, 8002)
+    assert config.ec2.instance_type == "t3.small"
+    assert config.ec2.ami_parameter == AMI_PARAMETER
+    assert config.ec2.api_key_parameter == "/network-security/serving/api-key"
+    assert (config.smoke.records, config.smoke.min_accuracy, config.smoke.timeout_seconds) == (64, 0.8, 60)
+
+
+def test_a_copy_of_the_shipped_config_loads_identically(tmp_path):
+    assert load_deploy_config(write_config(tmp_path)) == load_deploy_config()
+
+
+def test_empty_file_gives_the_defaults(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text("")
+    assert load_deploy_config(path) == DeployConfig()
+
+
+def test_config_values_are_normalised(tmp_path):
+    def mutate(raw):
+        raw["ec2"]["slot_ports"] = ["9001", 9002]
+        raw["ec2"]["tags"] = {"Name": "x", "Tier": 3}
+
+    config = load_deploy_config(write_config(tmp_path, mutate))
+    assert config.ec2.slot_ports == (9001, 9002)
+    assert config.ec2.tags == {"Name": "x", "Tier": "3"}
+
+
+def _set(section: str, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(raw: dict[str, Any]) -> None:
+        raw[section][key] = value
+
+    return mutate
+
+
+MALFORMED = {
+    "bad ecr.build": (_set("ecr", "build", "podman"), "ecr.build"),
+    "bad tag_mutability": (_set("ecr", "tag_mutability", "immutable"), "tag_mutability"),
+    "one slot port": (_set("ec2", "slot_ports", [8001]), "slot_ports"),
+    "three slot ports": (_set("ec2", "slot_ports", [8001, 8002, 8003]), "slot_ports"),
+    "duplicate slot ports": (_set("ec2", "slot_ports", [8001, 8001]), "slot_ports"),
+    "non-numeric slot port": (_set("ec2", "slot_ports", ["blue", "green"]), "blue"),
+    "empty ec2 tags": (_set("ec2", "tags", {}), "ec2.tags"),
+    "min_accuracy above 1": (_set("smoke", "min_accuracy", 1.5), "min_accuracy"),
+    "min_accuracy below 0": (_set("smoke", "min_accuracy", -0.1), "min_accuracy"),
+    "records 0": (_set("smoke", "records", 0), "smoke.records"),
+    "unknown ecr key": (_set("ecr", "registry", "elsewhere"), "registry"),
+    "unknown smoke key": (_set("smoke", "min_acuracy", 0.9), "min_acuracy"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_config_fails_naming_file_and_key(tmp_path, case):
+    mutate, fragment = MALFORMED[case]
+    path = write_config(tmp_path, mutate)
+    with pytest.raises(ValueError) as raised:
+        load_deploy_config(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ")
+    assert fragment in message
+
+
+@pytest.mark.parametrize("tags", [None, ["Name", "x"]], ids=["null", "list"])
+def test_tags_that_are_not_a_mapping_fail_as_value_error_naming_the_file(tmp_path, tags):
+    path = write_config(tmp_path, _set("ec2", "tags", tags))
+    with pytest.raises(ValueError, match="ec2.tags") as raised:
+        load_deploy_config(path)
+    assert str(path) in str(raised.value)
+
+
+def test_unknown_top_level_section_fails(tmp_path):
+    def mutate(raw):
+        raw["smoek"] = raw.pop("smoke")
+
+    with pytest.raises(ValueError, match="smoek"):
+        load_deploy_config(write_config(tmp_path, mutate))
+
+
+# --- parse_targets and release_tag ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("local,ec2", ("local", "ec2")),
+        ("ec2,local", ("ec2", "local")),
+        (" ec2 ", ("ec2",)),
+        ("local, ec2 ,", ("local", "ec2")),
+        ("", ()),
+        (" , ", ()),
+        ("ec2,ec2,local,ec2", ("ec2", "local")),
+    ],
+)
+def test_parse_targets(value, expected):
+    assert parse_targets(value) == expected
+
+
+def test_parse_targets_rejects_unknown_names_listing_the_known_ones():
+    with pytest.raises(ValueError) as raised:
+        parse_targets("local,kubernetes,ecs")
+    message = str(raised.value)
+    assert "['ecs', 'kubernetes']" in message
+    assert "known: ['local', 'ec2']" in message
+    assert "local,kubernetes,ecs" in message
+
+
+@pytest.mark.parametrize(
+    ("model", "version", "expected"),
+    [
+        ("network_security", "3", "network-security-v3"),
+        ("Intrusion_Flows", "12", "intrusion-flows-v12"),
+        ("plain", "1", "plain-v1"),
+    ],
+)
+def test_release_tag(model, version, expected):
+    assert release_tag(model, version) == expected
+
+
+# --- ECR ----------------------------------------------------------------------------------
+
+
+def describe_repository(ecr: Any, name: str) -> dict[str, Any]:
+    return ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
+
+
+def test_ensure_repository_creates_scanned_immutable_repository(aws):
+    ecr = aws["ecr"]
+    created = ensure_repository(ecr, EcrConfig(repository="serving"))
+    described = describe_repository(ecr, "serving")
+    assert described["imageTagMutability"] == "IMMUTABLE"
+    assert described["imageScanningConfiguration"] == {"scanOnPush": True}
+    assert created["repositoryUri"] == described["repositoryUri"]
+    assert created["repositoryUri"].endswith(".amazonaws.com/serving")
+
+
+def test_ensure_repository_is_idempotent(aws):
+    ecr = aws["ecr"]
+    first = ensure_repository(ecr, EcrConfig(repository="serving"))
+    second = ensure_repository(ecr, EcrConfig(repository="serving"))
+    assert second["repositoryUri"] == first["repositoryUri"]
+    assert second["imageTagMutability"] == "IMMUTABLE"
+    assert [r["repositoryName"] for r in ecr.describe_repositories()["repositories"]] == ["serving"]
+
+
+def test_ensure_repository_aligns_an_existing_repository(aws):
+    ecr = aws["ecr"]
+    ecr.create_repository(
+        repositoryName="serving",
+        imageTagMutability="MUTABLE",
+        imageScanningConfiguration={"scanOnPush": False},
+    )
+    result = ensure_repository(ecr, EcrConfig(repository="serving"))
+    described = describe_repository(ecr, "serving")
+    assert described["imageTagMutability"] == "IMMUTABLE"
+    assert described["imageScanningConfiguration"] == {"scanOnPush": True}
+    assert result["imageTagMutability"] == "IMMUTABLE"
+    assert result["imageScanningConfiguration"] == {"scanOnPush": True}
+
+
+def test_ensure_repository_aligns_towards_mutable_and_unscanned_when_configured(aws):
+    ecr = aws["ecr"]
+    ensure_repository(ecr, EcrConfig(repository="serving"))
+    ensure_repository(ecr, EcrConfig(repository="serving", tag_mutability="MUTABLE", scan_on_push=False))
+    described = describe_repository(ecr, "serving")
+    assert described["imageTagMutability"] == "MUTABLE"
+    assert described["imageScanningConfiguration"] == {"scanOnPush": False}
+
+
+def stored_manifest(ecr: Any, repository: str, tag: str) -> dict[str, Any]:
+    image = ecr.batch_get_image(repositoryName=repository, imageIds=[{"imageTag": tag}])["images"][0]
+    assert image["imageManifestMediaType"] == OCI_MANIFEST
+    return json.loads(image["imageManifest"])
+
+
+def test_publish_image_records_an_oci_manifest_without_docker(aws, monkeypatch):
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"manifest mode must not run {args}")
+
+    monkeypatch.setattr(deploy.subprocess, "run", no_subprocess)
+    ecr = aws["ecr"]
+    config = EcrConfig(build="manifest")
+    result = publish_image(
+        ecr, config, model_name="network_security", model_version="3", labels={"mlflow.run-id": "abc123"}
+    )
+
+    assert result["how"] == "manifest"
+    assert result["tag"] == "network-security-v3"
+    assert result["repository"] == config.repository
+    repository_uri = describe_repository(ecr, config.repository)["repositoryUri"]
+    assert result["image_uri"] == f"{repository_uri}:network-security-v3"
+
+    details = ecr.describe_images(repositoryName=config.repository, imageIds=[{"imageTag": "network-security-v3"}])
+    (image,) = details["imageDetails"]
+    assert image["imageTags"] == ["network-security-v3"]
+    assert image["imageDigest"] == result["digest"]
+    assert result["digest"].startswith("sha256:")
+
+    manifest = stored_manifest(ecr, config.repository, "network-security-v3")
+    assert manifest["schemaVersion"] == 2
+    assert manifest["mediaType"] == OCI_MANIFEST
+    assert manifest["layers"] == []
+    annotations = manifest["annotations"]
+    assert annotations["network-security.model-name"] == "network_security"
+    assert annotations["network-security.model-version"] == "3"
+    assert annotations["network-security.source-digest"] == source_digest()
+    assert annotations["org.opencontainers.image.version"] == "network-security-v3"
+    assert annotations["mlflow.run-id"] == "abc123"
+
+
+def test_publish_image_manifest_config_digest_matches_the_labels():
+    labels = {"network-security.model-version": "3", "a": "b"}
+    manifest = json.loads(deploy.image_manifest(labels))
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Labels": labels}}, sort_keys=True)
+    assert manifest["config"]["digest"] == "sha256:" + hashlib.sha256(config.encode()).hexdigest()
+    assert manifest["config"]["size"] == len(config.encode())
+    assert manifest["config"]["mediaType"] == deploy.OCI_CONFIG
+
+
+def test_publish_image_twice_finds_the_existing_immutable_tag(aws):
+    ecr = aws["ecr"]
+    config = EcrConfig(build="manifest")
+    first = publish_image(ecr, config, model_name="network_security", model_version="3")
+    second = publish_image(ecr, config, model_name="network_security", model_version="3")
+    assert first["how"] == "manifest"
+    assert second["how"] == "existing"
+    assert second["digest"] == first["digest"]
+    assert second["image_uri"] == first["image_uri"]
+    images = ecr.describe_images(repositoryName=config.repository)["imageDetails"]
+    assert [i["imageTags"] for i in images] == [["network-security-v3"]]
+
+
+def test_publish_image_keeps_one_tag_per_model_version(aws):
+    ecr = aws["ecr"]
+    config = EcrConfig(build="manifest")
+    publish_image(ecr, config, model_name="network_security", model_version="3")
+    publish_image(ecr, config, model_name="network_security", model_version="4")
+    images = ecr.describe_images(repositoryName=config.repository)["imageDetails"]
+    assert sorted(tag for i in images for tag in i["imageTags"]) == ["network-security-v3", "network-security-v4"]
+    v4 = stored_manifest(ecr, config.repository, "network-security-v4")
+    assert v4["annotations"]["network-security.model-version"] == "4"
+
+
+def test_publish_image_auto_without_engine_records_the_manifest(aws, monkeypatch):
+    probes = []
+    monkeypatch.setattr(deploy, "docker_engine_available", lambda *a, **k: probes.append(1) or False)
+    ecr = aws["ecr"]
+    result = publish_image(ecr, EcrConfig(build="auto"), model_name="network_security", model_version="5")
+    assert probes == [1]
+    assert result["how"] == "manifest"
+    manifest = stored_manifest(ecr, "network-security-serving", "network-security-v5")
+    assert manifest["annotations"]["network-security.model-version"] == "5"
+
+
+class FakeRun:
+    """Stands in for ``subprocess.run``: records each call, fails the command named in ``fail``."""
+
+    def __init__(self, fail: str | None = None, stderr: str = "") -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.fail = fail
+        self.stderr = stderr
+
+    def __call__(self, command, **kwargs):
+        self.calls.append({"command": list(command), **kwargs})
+        failed = self.fail is not None and command[:2] == ["docker", self.fail]
+        return subprocess.CompletedProcess(command, 1 if failed else 0, stdout="", stderr=self.stderr if failed else "")
+
+
+def test_publish_image_with_docker_logs_in_builds_and_pushes_in_order(aws, monkeypatch):
+    fake = FakeRun()
+    monkeypatch.setattr(deploy.subprocess, "run", fake)
+    logins = []
+
+    def login():
+        logins.append(1)
+        return ("AWS", "s3cr3t-token")
+
+    ecr = aws["ecr"]
+    result = publish_image(
+        ecr,
+        EcrConfig(build="docker"),
+        model_name="network_security",
+        model_version="7",
+        labels={"git.sha": "deadbeef"},
+        registry_login=login,
+    )
+
+    assert result["how"] == "docker"
+    assert logins == [1]
+    image_uri = result["image_uri"]
+    registry = image_uri.split("/", 1)[0]
+    assert registry.endswith(f".dkr.ecr.{REGION}.amazonaws.com")
+    assert [call["command"][:2] for call in fake.calls] == [
+        ["docker", "login"],
+        ["docker", "build"],
+        ["docker", "push"],
+    ]
+    login_call, build_call, push_call = fake.calls
+
+    assert login_call["command"] == ["docker", "login", "--username", "AWS", "--password-stdin", registry]
+    assert login_call["input"] == "s3cr3t-token"
+    assert "s3cr3t-token" not in " ".join(login_call["command"])
+
+    build = build_call["command"]
+    assert build[2:6] == ["-f", "serving/Dockerfile", "-t", image_uri]
+    assert build[-1] == "."
+    assert build_call["cwd"] == PROJECT_ROOT
+    label_args = build[6:-1]
+    assert label_args[0::2] == ["--label"] * (len(label_args) // 2)
+    labels = dict(arg.split("=", 1) for arg in label_args[1::2])
+    assert labels["network-security.model-name"] == "network_security"
+    assert labels["network-security.model-version"] == "7"
+    assert labels["network-security.source-digest"] == source_digest()
+    assert labels["git.sha"] == "deadbeef"
+
+    assert push_call["command"] == ["docker", "push", image_uri]
+    # Nothing was really pushed: no manifest was recorded in its place.
+    assert ecr.describe_images(repositoryName="network-security-serving")["imageDetails"] == []
+
+
+def test_publish_image_with_docker_and_no_login_skips_docker_login(aws, monkeypatch):
+    fake = FakeRun()
+    monkeypatch.setattr(deploy.subprocess, "run", fake)
+    publish_image(aws["ecr"], EcrConfig(build="docker"), model_name="m", model_version="1")
+    assert [call["command"][1] for call in fake.calls] == ["build", "push"]
+
+
+def test_publish_image_auto_with_engine_builds(aws, monkeypatch):
+    fake = FakeRun()
+    monkeypatch.setattr(deploy.subprocess, "run", fake)
+    monkeypatch.setattr(deploy, "docker_engine_available", lambda *a, **k: True)
+    result = publish_image(aws["ecr"], EcrConfig(build="auto"), model_name="m", model_version="1")
+    assert result["how"] == "docker"
+    assert [call["command"][1] for call in fake.calls] == ["build", "push"]
+
+
+@pytest.mark.parametrize("failing", ["login", "build", "push"])
+def test_publish_image_docker_failure_raises_with_stderr(aws, monkeypatch, failing):
+    fake = FakeRun(fail=failing, stderr="denied: no space left on device\n")
+    monkeypatch.setattr(deploy.subprocess, "run", fake)
+    with pytest.raises(DeployFailed) as raised:
+        publish_image(
+            aws["ecr"],
+            EcrConfig(build="docker"),
+            model_name="m",
+            model_version="1",
+            registry_login=lambda: ("AWS", "pw"),
+        )
+    message = str(raised.value)
+    assert "denied: no space left on device" in message
+    assert f"docker {failing}" in message
+    assert "m-v1" in message
+    # The steps after the failing one never ran.
+    steps = ["login", "build", "push"]
+    assert [call["command"][1] for call in fake.calls] == steps[: steps.index(failing) + 1]
+
+
+def test_docker_engine_available(monkeypatch):
+    def answering(code):
+        return lambda command, **kw: subprocess.CompletedProcess(command, code)
+
+    def missing(command, **kw):
+        raise FileNotFoundError("docker")
+
+    def hanging(command, **kw):
+        raise subprocess.TimeoutExpired(command, kw.get("timeout", 0))
+
+    monkeypatch.setattr(deploy.subprocess, "run", answering(0))
+    assert deploy.docker_engine_available() is True
+    monkeypatch.setattr(deploy.subprocess, "run", answering(1))
+    assert deploy.docker_engine_available() is False
+    monkeypatch.setattr(deploy.subprocess, "run", missing)
+    assert deploy.docker_engine_available() is False
+    monkeypatch.setattr(deploy.subprocess, "run", hanging)
+    assert deploy.docker_engine_available() is False
+
+
+# --- source_digest ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def source_tree(tmp_path: Path) -> Path:
+    (tmp_path / "serving").mkdir()
+    (tmp_path / "serving" / "app.py").write_text("print('serving')\n")
+    (tmp_path / "serving" / "sub").mkdir()
+    (tmp_path / "serving" / "sub" / "util.py").write_text("X = 1\n")
+    (tmp_path / "constraints.txt").write_text("httpx==0.28.1\n")
+    (tmp_path / "unrelated.txt").write_text("not an image source\n")
+    return tmp_path
+
+
+SOURCES = ("serving", "constraints.txt")
+
+
+def test_source_digest_is_stable(source_tree):
+    first = source_digest(source_tree, SOURCES)
+    assert first.startswith("sha256:") and len(first) == len("sha256:") + 64
+    assert source_digest(source_tree, SOURCES) == first
+
+
+def test_source_digest_of_the_project_is_stable():
+    assert source_digest() == source_digest()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda root: (root / "serving" / "sub" / "util.py").write_text("X = 2\n"),
+        lambda root: (root / "constraints.txt").write_text("httpx==0.28.2\n"),
+        lambda root: (root / "serving" / "new.py").write_text(""),
+        lambda root: (root / "serving" / "sub" / "util.py").rename(root / "serving" / "sub" / "helpers.py"),
+        lambda root: (root / "serving" / "app.py").unlink(),
+    ],
+    ids=["content", "single-file-source", "new-file", "rename", "deletion"],
+)
+def test_source_digest_changes_with_the_sources(source_tree, change):
+    before = source_digest(source_tree, SOURCES)
+    change(source_tree)
+    assert source_digest(source_tree, SOURCES) != before
+
+
+def test_source_digest_ignores_files_outside_the_sources_and_bytecode(source_tree):
+    before = source_digest(source_tree, SOURCES)
+    (source_tree / "unrelated.txt").write_text("changed\n")
+    cache = source_tree / "serving" / "__pycache__"
+    cache.mkdir()
+    (cache / "app.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    (cache / "notes.txt").write_text("anything inside __pycache__")
+    (source_tree / "serving" / "sub" / "stray.pyc").write_bytes(b"\x01")
+    assert source_digest(source_tree, SOURCES) == before
+
+
+# --- EC2 and SSM ------------------------------------------------------------------------
+
+
+FLEET = Ec2Config(tags={"Name": "ns-serving", "Project": "ns", "Role": "model-server"}, instance_type="t3.micro")
+SCRIPT = "#!/bin/bash\necho 'serving host'\n"
+
+
+def live_instances(ec2: Any) -> list[dict[str, Any]]:
+    filters = [{"Name": "instance-state-name", "Values": ["pending", "running"]}]
+    return [i for r in ec2.describe_instances(Filters=filters)["Reservations"] for i in r["Instances"]]
+
+
+def test_ensure_instances_launches_one_tagged_instance(aws):
+    ec2, ssm = aws["ec2"], aws["ssm"]
+    result = ensure_instances(ec2, ssm, FLEET, SCRIPT)
+
+    (instance_id,) = result["instance_ids"]
+    assert result["launched"] == [instance_id]
+    (instance,) = live_instances(ec2)
+    assert instance["InstanceId"] == instance_id
+    assert instance["State"]["Name"] == "running"
+    assert instance["InstanceType"] == "t3.micro"
+    assert instance["ImageId"] == ssm.get_parameter(Name=AMI_PARAMETER)["Parameter"]["Value"]
+    assert {t["Key"]: t["Value"] for t in instance["Tags"]} == FLEET.tags
+    assert instance["MetadataOptions"]["HttpTokens"] == "required"
+
+    volumes = ec2.describe_volumes(Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])["Volumes"]
+    assert volumes
+    for volume in volumes:
+        assert {t["Key"]: t["Value"] for t in volume["Tags"]} == FLEET.tags
+
+    attribute = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    assert base64.b64decode(attribute["UserData"]["Value"]).decode() == SCRIPT
+
+
+def test_ensure_instances_uses_the_configured_ami_parameter(aws):
+    ec2, ssm = aws["ec2"], aws["ssm"]
+    ssm.put_parameter(Name="/custom/ami", Value="ami-0123456789abcdef0", Type="String")
+    config = Ec2Config(tags=FLEET.tags, ami_parameter="/custom/ami")
+    (instance_id,) = ensure_instances(ec2, ssm, config, SCRIPT)["launched"]
+    (instance,) = live_instances(ec2)
+    assert instance["InstanceId"] == instance_id
+    assert instance["ImageId"] == "ami-0123456789abcdef0"
+
+
+def test_ensure_instances_reuses_the_running_fleet(aws):
+    ec2, ssm = aws["ec2"], aws["ssm"]
+    first = ensure_instances(ec2, ssm, FLEET, SCRIPT)
+    second = ensure_instances(ec2, ssm, FLEET, SCRIPT)
+    assert second == {"instance_ids": first["instance_ids"], "launched": []}
+    assert len(live_instances(ec2)) == 1
+
+
+def test_ensure_instances_ignores_terminated_instances(aws):
+    ec2, ssm = aws["ec2"], aws["ssm"]
+    (old,) = ensure_instances(ec2, ssm, FLEET, SCRIPT)["instance_ids"]
+    ec2.terminate_instances(InstanceIds=[old])
+    result = ensure_instances(ec2, ssm, FLEET, SCRIPT)
+    (new,) = result["launched"]
+    assert new != old
+    assert result["instance_ids"] == [new]
+    assert [i["InstanceId"] for i in live_instances(ec2)] == [new]
+
+
+def test_ensure_instances_requires_every_tag(aws):
+    ec2, ssm = aws["ec2"], aws["ssm"]
+    ami = ssm.get_parameter(Name=AMI_PARAMETER)["Parameter"]["Value"]
+    partial = [{"Key": "Name", "Value": "ns-serving"}, {"Key": "Project", "Value": "ns"}]
+    wrong_value = [*partial, {"Key": "Role", "Value": "batch"}]
+    for tags in (partial, wrong_value):
+        ec2.run_instances(
+            ImageId=ami,
+            InstanceType="t3.micro",
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+        )
+    others = {i["InstanceId"] for i in live_instances(ec2)}
+
+    result = ensure_instances(ec2, ssm, FLEET, SCRIPT)
+    (launched,) = result["launched"]
+    assert launched not in others
+    assert result["instance_ids"] == [launched]
+    # And the partially tagged ones are still not counted on the next call.
+    assert ensure_instances(ec2, ssm, FLEET, SCRIPT) == {"instance_ids": [launched], "launched": []}
+
+
+def test_ensure_instances_passes_the_instance_profile(aws, monkeypatch):
+    ec2, ssm = aws["ec2"], aws["ssm"]
+    requests = []
+    real_run = ec2.run_instances
+
+    def spy(**request):
+        requests.append(request)
+        return real_run(**{k: v for k, v in request.items() if k != "IamInstanceProfile"})
+
+    monkeypatch.setattr(ec2, "run_instances", spy)
+    config = Ec2Config(tags=FLEET.tags, instance_profile="ns-serving-host")
+    ensure_instances(ec2, ssm, config, SCRIPT)
+    assert requests[0]["IamInstanceProfile"] == {"Name": "ns-serving-host"}
+    requests.clear()
+    ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in live_instances(ec2)])
+    ensure_instances(ec2, ssm, FLEET, SCRIPT)
+    assert "IamInstanceProfile" not in requests[0]
+
+
+# --- user_data and rollout_commands -------------------------------------------------------
+
+
+def test_user_data_is_a_valid_bash_script_with_the_serving_environment(tmp_path):
+    config = Ec2Config(slot_ports=(9101, 9102), api_key_parameter="/ns/key")
+    script = user_data(
+        config,
+        region="eu-west-3",
+        tracking_uri="http://mlflow.internal:5000",
+        environment={"MODEL_NAME": "network_security", "MODEL_ALIAS": "champion"},
+    )
+    assert script.startswith("#!/bin/bash\n")
+    lines = script.splitlines()
+    for line in (
+        "MLFLOW_TRACKING_URI=http://mlflow.internal:5000",
+        "AWS_DEFAULT_REGION=eu-west-3",
+        "API_KEY_FILE=/run/secrets/api_key",
+        "MODEL_NAME=network_security",
+        "MODEL_ALIAS=champion",
+    ):
+        assert line in lines
+    # The env lines sit inside the serving.env heredoc.
+    start, end = lines.index("cat > /opt/ns-serving/serving.env <<'ENV'"), lines.index("ENV")
+    assert start < lines.index("MODEL_NAME=network_security") < end
+    assert "--name /ns/key" in script
+    assert "--region eu-west-3" in script
+    assert "echo 'server 127.0.0.1:9101;' > /etc/nginx/ns-upstream.conf" in lines
+    assert "9102" not in script
+    assert "upstream ns_serving { include /etc/nginx/ns-upstream.conf; }" in lines
+    checked = bash_syntax_ok(tmp_path, script)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_user_data_environment_overrides_the_defaults():
+    script = user_data(
+        Ec2Config(), region="us-east-1", tracking_uri="http://a", environment={"MLFLOW_TRACKING_URI": "http://b"}
+    )
+    assert "MLFLOW_TRACKING_URI=http://b" in script.splitlines()
+    assert "MLFLOW_TRACKING_URI=http://a" not in script
+
+
+def test_user_data_quotes_the_parameter_name(tmp_path):
+    script = user_data(
+        Ec2Config(api_key_parameter="/ns/key; rm -rf /"), region="us-east-1", tracking_uri="http://a", environment={}
+    )
+    assert "--name '/ns/key; rm -rf /'" in script
+    assert bash_syntax_ok(tmp_path, script).returncode == 0
+
+
+def assignments(commands: list[str]) -> dict[str, str]:
+    """What the variable lines assign, as bash would see it."""
+    values = {}
+    for line in commands:
+        words = shlex.split(line)
+        if len(words) == 1 and "=" in words[0]:
+            key, value = words[0].split("=", 1)
+            values[key] = value
+    return values
+
+
+def test_rollout_commands_deploy():
+    commands = rollout_commands(
+        image_uri="1.dkr.ecr.us-east-1.amazonaws.com/serving:m-v3",
+        model_version="3",
+        region="us-east-1",
+        config=Ec2Config(slot_ports=(9101, 9102)),
+    )
+    assert commands[0] == "set -euo pipefail"
+    assert assignments(commands) == {
+        "IMAGE_URI": "1.dkr.ecr.us-east-1.amazonaws.com/serving:m-v3",
+        "MODEL_VERSION": "3",
+        "REGION": "us-east-1",
+        "ACTION": "deploy",
+    }
+    script = "\n".join(commands)
+    assert "9101" in script and "9102" in script
+    assert f"127.0.0.1:$PORT:{deploy.CONTAINER_PORT}" in script
+    assert "8001" not in script
+
+
+def test_rollout_commands_rollback():
+    commands = rollout_commands(
+        image_uri="img:tag", model_version="3", region="us-east-1", config=Ec2Config(), action="rollback"
+    )
+    assert assignments(commands)["ACTION"] == "rollback"
+
+
+def test_rollout_commands_shell_quote_their_values(tmp_path):
+    nasty = {
+        "image_uri": "repo:tag with space",
+        "model_version": "3'; touch /tmp/pwned; echo '",
+        "region": 'us-"east"-1 $(id)',
+    }
+    commands = rollout_commands(**nasty, config=Ec2Config())
+    values = assignments(commands)
+    assert values["IMAGE_URI"] == nasty["image_uri"]
+    assert values["MODEL_VERSION"] == nasty["model_version"]
+    assert values["REGION"] == nasty["region"]
+    # What bash itself assigns, not only what shlex reads back.
+    probe = "\n".join(
+        [*commands[1:4], 'printf "%s\\n" "$IMAGE_URI" "$MODEL_VERSION" "$REGION"'],
+    )
+    echoed = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert echoed.splitlines() == [nasty["image_uri"], nasty["model_version"], nasty["region"]]
+
+
+@pytest.mark.parametrize("action", ["deploy", "rollback"])
+def test_rollout_script_passes_bash_syntax_check(tmp_path, action):
+    commands = rollout_commands(
+        image_uri="1.dkr.ecr.us-east-1.amazonaws.com/serving:m-v3 x",
+        model_version="3",
+        region="us-east-1",
+        config=Ec2Config(),
+        action=action,
+    )
+    checked = bash_syntax_ok(tmp_path, "\n".join(commands))
+    assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize("action", ["redeploy", "Deploy", ""])
+def test_rollout_commands_reject_unknown_actions(action):
+    with pytest.raises(ValueError, match="deploy or rollback"):
+        rollout_commands(image_uri="i", model_version="1", region="r", config=Ec2Config(), action=action)
+
+
+# --- smoke_test ---------------------------------------------------------------------------
+
+
+RECORDS = [{"f": i} for i in range(10)]
+LABELS = [i % 2 for i in range(10)]
+BASE_URL = "http://serving.test"
+
+
+class FakeServer:
+    """The serving API as seen by the smoke test; attributes break one behaviour at a time."""
+
+    def __init__(self, version: str = "7") -> None:
+        self.version = version
+        self.model_version: str | None = None  # what /model reports (default: version)
+        self.batch_status = 200
+        self.ready_after = 0  # /ready answers 503 this many times, then 200
+        self.ready_errors = 0  # /ready fails at transport level this many times first
+        self.never_ready = False
+        self.wrong = 0  # how many batch labels are flipped
+        self.single_label: int | None = None
+        self.batch_size_cap: int | None = None  # answer only this many of the batch's records
+        self.model_body: bytes | None = None  # raw /model body (e.g. not JSON)
+        self.requests: list[httpx.Request] = []
+
+    def predict(self, record: dict[str, Any]) -> int:
+        return record["f"] % 2
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        path = request.url.path
+        if path == "/ready":
+            if self.ready_errors:
+                self.ready_errors -= 1
+                raise httpx.ConnectError("connection refused", request=request)
+            if self.never_ready or self.ready_after:
+                self.ready_after = max(0, self.ready_after - 1)
+                return httpx.Response(503, json={"ready": False})
+            return httpx.Response(200, json={"ready": True})
+        if path == "/model" and self.model_body is not None:
+            return httpx.Response(200, content=self.model_body)
+        if path == "/model":
+            return httpx.Response(200, json={"model_version": self.model_version or self.version})
+        if path == "/predict":
+            record = json.loads(request.content)
+            label = self.predict(record) if self.single_label is None else self.single_label
+            return httpx.Response(200, json={"label": label, "model_version": self.version})
+        if path == "/predict/batch":
+            if self.batch_status != 200:
+                return httpx.Response(self.batch_status, text="model is loading")
+            records = json.loads(request.content)["records"][: self.batch_size_cap]
+            labels = [self.predict(r) for r in records]
+            for i in range(self.wrong):
+                labels[-1 - i] = 1 - labels[-1 - i]
+            return httpx.Response(
+                200, json={"predictions": [{"label": label, "model_version": self.version} for label in labels]}
+            )
+        return httpx.Response(404)
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> FakeServer:
+    """Routes every ``httpx.Client`` built during the test to a :class:`FakeServer`."""
+    fake = FakeServer()
+    real_client = httpx.Client
+
+    def client(*args: Any, **kwargs: Any) -> httpx.Client:
+        return real_client(*args, transport=httpx.MockTransport(fake), **kwargs)
+
+    monkeypatch.setattr(httpx, "Client", client)
+    return fake
+
+
+def run_smoke(**overrides: Any) -> dict[str, Any]:
+    arguments = {"expected_version": "7", "min_accuracy": 0.8, "timeout": 5.0} | overrides
+    return smoke_test(BASE_URL, "the-key", RECORDS, LABELS, **arguments)
+
+
+def test_smoke_test_passes_on_the_expected_champion(server):
+    result = run_smoke()
+    assert result["accuracy"] == 1.0
+    assert result["model_version"] == "7"
+    assert result["records"] == 10
+    assert result["url"] == BASE_URL
+    assert result["seconds"] >= 0
+    assert all(r.headers["X-API-Key"] == "the-key" for r in server.requests)
+    batch = next(r for r in server.requests if r.url.path == "/predict/batch")
+    assert json.loads(batch.content) == {"records": RECORDS}
+    single = next(r for r in server.requests if r.url.path == "/predict")
+    assert json.loads(single.content) == RECORDS[0]
+
+
+def test_smoke_test_accuracy_exactly_at_the_minimum_passes(server):
+    server.wrong = 2
+    assert run_smoke(min_accuracy=0.8)["accuracy"] == 0.8
+
+
+def test_smoke_test_waits_for_ready(server):
+    server.ready_errors = 1
+    server.ready_after = 1
+    assert run_smoke()["accuracy"] == 1.0
+    assert [r.url.path for r in server.requests].count("/ready") == 3
+
+
+def test_smoke_test_fails_when_model_reports_another_version(server):
+    server.model_version = "6"
+    with pytest.raises(SmokeTestFailed) as raised:
+        run_smoke()
+    message = str(raised.value)
+    assert '"model_version":"6"' in message.replace(" ", "")
+    assert "expected v7" in message
+    assert f"{BASE_URL}/model" in message
+
+
+def test_smoke_test_fails_when_model_answers_something_else_than_json(server):
+    server.model_body = b"<html>gateway</html>"
+    with pytest.raises(SmokeTestFailed, match="expected v7"):
+        run_smoke()
+
+
+def test_smoke_test_fails_when_predictions_come_from_another_version(server):
+    server.version = "6"
+    server.model_version = "7"
+    with pytest.raises(SmokeTestFailed, match=r"version\(s\) \['6'\], expected v7"):
+        run_smoke()
+
+
+def test_smoke_test_fails_on_batch_error_status(server):
+    server.batch_status = 503
+    with pytest.raises(SmokeTestFailed) as raised:
+        run_smoke()
+    message = str(raised.value)
+    assert "/predict/batch answered 503" in message
+    assert "model is loading" in message
+
+
+def test_smoke_test_fails_below_minimum_accuracy(server):
+    server.wrong = 3
+    with pytest.raises(SmokeTestFailed) as raised:
+        run_smoke(min_accuracy=0.8)
+    message = str(raised.value)
+    assert "accuracy 0.700" in message
+    assert "minimum 0.800" in message
+    assert "10 smoke records" in message
+    assert "v7" in message
+
+
+def test_smoke_test_fails_when_never_ready(server):
+    server.never_ready = True
+    with pytest.raises(SmokeTestFailed, match=r"/ready did not answer 200 within"):
+        run_smoke(timeout=0.2)
+    assert {r.url.path for r in server.requests} == {"/ready"}
+
+
+def test_smoke_test_fails_when_single_and_batch_disagree(server):
+    server.single_label = 1  # RECORDS[0] is labelled 0 by the batch
+    with pytest.raises(SmokeTestFailed, match="single and the batch prediction"):
+        run_smoke()
+
+
+def test_smoke_test_fails_cleanly_when_the_batch_misses_records(server):
+    server.batch_size_cap = len(RECORDS) - 1
+    with pytest.raises(SmokeTestFailed):
+        run_smoke()

@@ -1,0 +1,181 @@
+"""The local deploy target's bookkeeping (pid file, fingerprint, foreign port) without the serving app."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tasks import local_server
+from tasks.local_server import LocalServer, LocalServerError
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_server(state_dir: Path, port: int | None = None, **environment: str) -> LocalServer:
+    return LocalServer(
+        state_dir=state_dir,
+        host="127.0.0.1",
+        port=port or free_port(),
+        environment=environment or {"MODEL_NAME": "network_security", "API_KEY": "k"},
+    )
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def forbid_spawning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real serving app must never be started by these tests (patches ``subprocess.Popen``)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the serving app must not be started: {args}")
+
+    monkeypatch.setattr(local_server.subprocess, "Popen", refuse)
+
+
+@pytest.fixture
+def no_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    forbid_spawning(monkeypatch)
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        status = 200 if self.path == "/health" else 404
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"status": "ok"}')
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def foreign_http() -> Iterator[int]:
+    """Another program on a loopback port answering 200 on /health; yields the port."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def test_paths_and_url(tmp_path):
+    server = make_server(tmp_path, port=8123)
+    assert server.url == "http://127.0.0.1:8123"
+    assert server.pid_file == tmp_path / "serving-8123.pid"
+    assert server.log_file == tmp_path / "serving-8123.log"
+    assert server.fingerprint_file == tmp_path / "serving-8123.fingerprint"
+
+
+def test_pid_without_pid_file_is_none(tmp_path):
+    assert make_server(tmp_path).pid() is None
+
+
+def test_pid_removes_a_stale_pid_file(tmp_path):
+    server = make_server(tmp_path)
+    server.pid_file.write_text(f"{dead_pid()}\n")
+    assert server.pid() is None
+    assert not server.pid_file.exists()
+
+
+def test_pid_of_a_live_process_is_kept(tmp_path):
+    server = make_server(tmp_path)
+    server.pid_file.write_text(f"{os.getpid()}\n")
+    assert server.pid() == os.getpid()
+    assert server.pid_file.exists()
+
+
+def test_pid_file_with_garbage_is_none(tmp_path):
+    server = make_server(tmp_path)
+    server.pid_file.write_text("not a pid")
+    assert server.pid() is None
+
+
+def test_fingerprint_follows_the_environment(tmp_path):
+    base = make_server(tmp_path, port=8000, MODEL_NAME="a", API_KEY="k")
+    assert base.fingerprint == make_server(tmp_path, port=8000, API_KEY="k", MODEL_NAME="a").fingerprint
+    assert len(base.fingerprint) == 64
+    for other in (
+        make_server(tmp_path, port=8000, MODEL_NAME="b", API_KEY="k"),
+        make_server(tmp_path, port=8000, MODEL_NAME="a", API_KEY="other"),
+        make_server(tmp_path, port=8000, MODEL_NAME="a", API_KEY="k", MLFLOW_TRACKING_URI="http://x"),
+    ):
+        assert other.fingerprint != base.fingerprint
+
+
+def test_stop_with_nothing_running(tmp_path):
+    assert make_server(tmp_path).stop() == "not running"
+
+
+def test_stop_with_a_stale_pid_file(tmp_path):
+    server = make_server(tmp_path)
+    server.pid_file.write_text(str(dead_pid()))
+    assert server.stop() == "not running"
+    assert not server.pid_file.exists()
+
+
+def test_healthy_is_false_when_nothing_listens(tmp_path):
+    assert make_server(tmp_path).healthy() is False
+
+
+def test_ensure_started_refuses_a_port_held_by_another_program(tmp_path, foreign_http, no_spawn):
+    server = make_server(tmp_path / "serving", port=foreign_http)
+    assert server.healthy() is True
+    with pytest.raises(LocalServerError) as raised:
+        server.ensure_started(timeout=5)
+    message = str(raised.value)
+    assert f"127.0.0.1:{foreign_http}" in message
+    assert "NS_SERVING_PORT" in message
+    assert str(server.pid_file) in message
+    assert not server.pid_file.exists()
+
+
+def test_ensure_started_leaves_our_matching_server_running(tmp_path, foreign_http, no_spawn):
+    server = make_server(tmp_path, port=foreign_http)
+    server.pid_file.write_text(str(os.getpid()))
+    server.fingerprint_file.write_text(server.fingerprint)
+    assert server.ensure_started(timeout=5) == "running"
+    assert server.pid_file.read_text() == str(os.getpid())
+
+
+def test_ensure_started_stops_our_server_when_its_environment_changed(tmp_path, foreign_http, monkeypatch):
+    # "Ours" is a sleeper in its own session (as the real server is); the port still answers
+    # after it is stopped, so the restart then stops at the foreign-program check.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    reaper = threading.Thread(target=sleeper.wait, daemon=True)
+    reaper.start()
+    forbid_spawning(monkeypatch)
+    try:
+        server = make_server(tmp_path, port=foreign_http)
+        server.pid_file.write_text(str(sleeper.pid))
+        server.fingerprint_file.write_text("fingerprint of another environment")
+        with pytest.raises(LocalServerError, match="was not started by this project"):
+            server.ensure_started(timeout=5)
+        reaper.join(timeout=10)
+        assert sleeper.returncode == -signal.SIGTERM
+        assert not server.pid_file.exists()
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
