@@ -16,7 +16,8 @@ feature and one on the predicted probability.
 | `trigger_retraining` | `TriggerDagRunOperator` on `network_security_training` with `conf` = reason, report URI, max PSI, drifted features, the newest labelled `ds`; run id `drift__<dataset>__<window end>`, so a retried trigger creates nothing | |
 | `no_retraining` | logs why not | |
 
-**Trigger**: hourly by schedule, or manually. Params (all optional): `dataset`,
+**Trigger**: hourly by schedule (`NS_SCHEDULE_NETWORK_SECURITY_DRIFT`: a cron, a preset such as
+`@daily`, or `none`), or manually. Params (all optional): `dataset`,
 `psi_threshold`, `window_hours`, `min_rows`.
 """
 
@@ -31,7 +32,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import Param, chain, dag, task
 
 from network_security import monitoring
-from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings, task_retry_delay
+from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings, dag_schedule, task_retry_delay
 
 INCLUDE = Path(__file__).resolve().parent.parent / "include"
 RETRAIN_RUN_ID = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['retrain']['run_id'] }}"
@@ -40,7 +41,7 @@ RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['r
 
 @dag(
     dag_id=DRIFT_DAG_ID,
-    schedule="@hourly",
+    schedule=dag_schedule(DRIFT_DAG_ID, "@hourly"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -24,7 +24,7 @@ gate against the current champion.
 Bad data fails fast (no retries) and is quarantined; infrastructure errors (S3, MLflow)
 are retried. A rejected challenger ends the run successfully with `promote_champion` skipped.
 
-**Trigger**: daily by schedule, manually, or by the drift DAG. Params (all optional):
+**Trigger**: daily by schedule (`NS_SCHEDULE_NETWORK_SECURITY_TRAINING`), manually, or by the drift DAG. Params (all optional):
 `ds` (default: the logical date), `dataset`, `window_days` (train on the last N days),
 `reason` / `drift_report_uri` / `max_psi` / `drifted_features` (recorded on the MLflow run),
 `force_gate` (`promote` or `reject`) with a mandatory `force_reason`, logged in the
@@ -45,7 +45,7 @@ from airflow.sdk import Param, chain, dag, task
 from network_security import runtime
 from network_security.delivery import deploy_group
 from network_security.operators import SnapshotValidationOperator
-from tasks.config import AWS_CONN_ID, TRAINING_DAG_ID, Settings, task_retry_delay
+from tasks.config import AWS_CONN_ID, TRAINING_DAG_ID, Settings, dag_schedule, task_retry_delay
 
 INCLUDE = Path(__file__).resolve().parent.parent / "include"
 MONITORING_CONN_ID = Settings().monitoring_conn_id
@@ -53,7 +53,7 @@ MONITORING_CONN_ID = Settings().monitoring_conn_id
 
 @dag(
     dag_id=TRAINING_DAG_ID,
-    schedule="@daily",
+    schedule=dag_schedule(TRAINING_DAG_ID, "@daily"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -62,20 +62,31 @@ def load_dag(dag_id: str) -> Any:
 
 
 def run_dag(
-    dag_id: str, ds: str | datetime, conf: dict[str, Any] | None = None, log_path: Path | None = None
+    dag_id: str,
+    ds: str | datetime,
+    conf: dict[str, Any] | None = None,
+    log_path: Path | None = None,
+    run_id: str | None = None,
 ) -> RunReport:
     """Run one DAG run at ``ds`` (a day, a timestamp or a datetime) to completion; collect its XComs.
 
     ``outputs`` maps a task id to its return value, and ``"<task_id>:<key>"`` to other keys.
     A run already at that logical date (e.g. one queued by ``TriggerDagRunOperator``) is
     replaced by this one: that is how ``dag.test()`` executes a triggered run's conf.
+    ``run_id`` keeps the replaced run's id (default: a new ``manual__`` id).
     """
+    from unittest import mock
+
+    from airflow.models.dagrun import DagRun
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     dag = load_dag(dag_id)
     logical_date = ds if isinstance(ds, datetime) else pendulum.parse(ds, tz="UTC")
-    with output_to(log_path):
+    # dag.test() always names its run manual__<time>; a triggered run keeps its own id, so
+    # the drift check that queued it, its idempotent trigger and the run agree on it.
+    naming = mock.patch.object(DagRun, "generate_run_id", return_value=run_id) if run_id else contextlib.nullcontext()
+    with output_to(log_path), naming:
         dag_run = dag.test(logical_date=logical_date, run_conf=conf or None)
     report = RunReport(dag_id=dag_id, run_id=dag_run.run_id, state=str(dag_run.state))
     with create_session() as session:
@@ -103,4 +114,7 @@ def queued_runs(dag_id: str) -> list[dict[str, Any]]:
 
 def run_queued(dag_id: str, log_path: Path | None = None) -> list[tuple[str, RunReport]]:
     """Execute every queued run of ``dag_id`` with its own conf (no scheduler needed)."""
-    return [(run["run_id"], run_dag(dag_id, run["logical_date"], run["conf"], log_path)) for run in queued_runs(dag_id)]
+    return [
+        (run["run_id"], run_dag(dag_id, run["logical_date"], run["conf"], log_path, run_id=run["run_id"]))
+        for run in queued_runs(dag_id)
+    ]

@@ -114,3 +114,13 @@ def task_retry_delay(environ: Mapping[str, str] | None = None) -> int:
     """
     environ = os.environ if environ is None else environ
     return int(environ.get("NS_RETRY_DELAY_SECONDS", 120))
+
+
+def dag_schedule(dag_id: str, default: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A DAG's schedule: ``NS_SCHEDULE_<DAG_ID>`` (a cron expression, a preset, or ``none``), else ``default``.
+
+    Read from the environment, not a Variable, because the scheduler needs it at parse time.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(f"{ENV_PREFIX}SCHEDULE_{dag_id.upper()}", default).strip()
+    return None if value.lower() in ("", "none", "null") else value

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 DRIFT_CONFIG = PROJECT_ROOT / "include" / "drift.yaml"
 PREDICTION_COLUMN = "probability"
 VERSION_COLUMN = "model_version"
+MODEL_COLUMN = "model_name"
 
 
 class DriftError(RuntimeError):
@@ -93,8 +94,12 @@ def load_drift_config(path: Path = DRIFT_CONFIG) -> DriftConfig:
 
 
 def window_partitions(window_end: dt.datetime, hours: int) -> list[str]:
-    """The ``dt=YYYY-MM-DD/HH`` partitions of the ``hours`` hours up to and including ``window_end``'s hour."""
-    end = window_end.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    """The ``dt=YYYY-MM-DD/HH`` partitions of the ``hours`` hours before ``window_end`` (exclusive).
+
+    An hourly run at 13:00 reads hours 12, 11, ...; a manual run at 13:20 reads hour 13 too.
+    """
+    last = window_end.astimezone(dt.UTC) - dt.timedelta(microseconds=1)
+    end = last.replace(minute=0, second=0, microsecond=0)
     return [f"dt={moment:%Y-%m-%d}/{moment:%H}" for moment in (end - dt.timedelta(hours=h) for h in range(hours))][::-1]
 
 
@@ -103,7 +108,14 @@ def current_schema(spec: DatasetSpec) -> pa.Schema:
     import pyarrow as pa
 
     fields = [pa.field(c.name, pa.from_numpy_dtype(_numpy_dtype(c.dtype))) for c in spec.features]
-    return pa.schema([*fields, pa.field(PREDICTION_COLUMN, pa.float32()), pa.field(VERSION_COLUMN, pa.string())])
+    return pa.schema(
+        [
+            *fields,
+            pa.field(PREDICTION_COLUMN, pa.float32()),
+            pa.field(MODEL_COLUMN, pa.string()),
+            pa.field(VERSION_COLUMN, pa.string()),
+        ]
+    )
 
 
 def _numpy_dtype(name: str) -> Any:
@@ -129,13 +141,18 @@ def read_object(body: bytes, key: str, schema: pa.Schema) -> pa.Table:
 
 
 def read_window(
-    client: Any, bucket: str, prefix: str, partitions: list[str], spec: DatasetSpec, model_version: str | None
+    client: Any,
+    bucket: str,
+    prefix: str,
+    partitions: list[str],
+    spec: DatasetSpec,
+    model: tuple[str, str] | None,
 ) -> tuple[pa.Table, int]:
-    """The window's rows served by ``model_version`` (all rows when None).
+    """The window's rows served by ``model`` = (registered name, version); all rows when None.
 
     Returns:
-        The table (features, probability, model_version) and the number of rows read
-        before the version filter.
+        The table (features, probability, model name and version) and the number of rows
+        read before the model filter (other models and versions share the log).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -148,8 +165,11 @@ def read_window(
             tables.append(read_object(storage.get_bytes(client, storage.S3Location(bucket, key)), key, schema))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     read_rows = table.num_rows
-    if model_version is not None:
-        table = table.filter(pc.equal(table[VERSION_COLUMN], str(model_version)))
+    if model is not None:
+        name, version = model
+        table = table.filter(
+            pc.and_(pc.equal(table[MODEL_COLUMN], name), pc.equal(table[VERSION_COLUMN], str(version)))
+        )
     return table.combine_chunks(), read_rows
 
 

@@ -65,9 +65,7 @@ def plan_check(params: dict[str, Any], window_end: dt.datetime, run_type: Any) -
         "mlflow_tracking_uri": settings.mlflow_tracking_uri,
         "monitoring_conn_id": settings.monitoring_conn_id,
         "window_end": end.isoformat(),
-        "window_start": (
-            end.replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=config.window_hours - 1)
-        ).isoformat(),
+        "window_start": partitions[0].replace("dt=", "").replace("/", "T") + ":00:00+00:00",
         "partitions": partitions,
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
         "run_type": getattr(run_type, "value", str(run_type)),
@@ -142,7 +140,12 @@ def check_drift(plan: dict[str, Any], dag_run_id: str) -> dict[str, Any]:
     except drift.DriftError as err:
         raise AirflowFailException(str(err)) from err
     table, read_rows = drift.read_window(
-        client, plan["lake_bucket"], "predictions", plan["partitions"], spec, champion["model_version"]
+        client,
+        plan["lake_bucket"],
+        "predictions",
+        plan["partitions"],
+        spec,
+        (champion["model_name"], champion["model_version"]),
     )
     if table.num_rows < config.min_rows:
         reason = (

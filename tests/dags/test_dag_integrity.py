@@ -129,3 +129,15 @@ def test_deploy_runs_only_after_a_promotion_and_rolls_back_only_on_failure(offli
     assert rollback.upstream_task_ids >= deploy_tasks - {"deploy.record_deployment"}
     # The deploy DAG ships the champion through the same group but never rolls back twice.
     assert "deploy.rollback" not in offline_dagbag.dags["network_security_deploy"].task_ids
+
+
+def test_drift_trigger_is_idempotent_and_training_runs_one_at_a_time(offline_dagbag):
+    """Storm protection that lives in the DAG definitions themselves."""
+    drift = offline_dagbag.dags["network_security_drift"]
+    trigger = drift.get_task("trigger_retraining")
+    assert trigger.trigger_dag_id == "network_security_training"
+    assert trigger.skip_when_already_exists is True  # a retried trigger task creates no second run
+    assert "decide_retraining" in trigger.trigger_run_id and "run_id" in trigger.trigger_run_id
+    assert trigger.wait_for_completion is False
+    assert offline_dagbag.dags["network_security_training"].max_active_runs == 1
+    assert drift.max_active_runs == 1

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tasks.config import Settings, task_retry_delay
+from tasks.config import Settings, dag_schedule, task_retry_delay
 
 DEFAULTS = {
     "dataset": "network_security",
@@ -109,3 +109,17 @@ def test_settings_are_frozen_and_replace_returns_a_copy() -> None:
 @pytest.mark.parametrize(("environ", "expected"), [({}, 120), ({"NS_RETRY_DELAY_SECONDS": "5"}, 5)])
 def test_task_retry_delay(environ: dict[str, str], expected: int) -> None:
     assert task_retry_delay(environ) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, "@hourly"),
+        ({"NS_SCHEDULE_NETWORK_SECURITY_DRIFT": "*/15 * * * *"}, "*/15 * * * *"),
+        ({"NS_SCHEDULE_NETWORK_SECURITY_DRIFT": "@daily"}, "@daily"),
+        ({"NS_SCHEDULE_NETWORK_SECURITY_DRIFT": "none"}, None),
+        ({"NS_SCHEDULE_NETWORK_SECURITY_TRAINING": "@weekly"}, "@hourly"),
+    ],
+)
+def test_dag_schedule(environ: dict[str, str], expected: str | None) -> None:
+    assert dag_schedule("network_security_drift", "@hourly", environ) == expected
