@@ -184,7 +184,9 @@ class Loop:
         _say(f"[4/5] Executing the triggered {TRAINING_DAG_ID} run (logs: {self.log_path(TRAINING_DAG_ID)})")
         began = time.monotonic()
         for triggered_id, report in run_queued(TRAINING_DAG_ID, self.log_path(TRAINING_DAG_ID)):
-            self.record(TRAINING_DAG_ID, report, f"triggered as {triggered_id}", time.monotonic() - began)
+            self.record(
+                TRAINING_DAG_ID, report, f"queued by the drift check as {triggered_id}", time.monotonic() - began
+            )
             evaluation = report.outputs.get("evaluate") or {}
             for reason in evaluation.get("reasons", []):
                 print(f"  gate: {reason}")
