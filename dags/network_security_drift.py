@@ -32,6 +32,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import Param, chain, dag, task
 
 from network_security import monitoring
+from network_security.links import EvidentlyReportLink, MLflowRunLink, with_links
 from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings, dag_schedule, task_retry_delay
 
 INCLUDE = Path(__file__).resolve().parent.parent / "include"
@@ -110,7 +111,7 @@ def network_security_drift():
         decision = ti.xcom_pull(task_ids="decide_retraining", key="decision")
         return {"outcome": decision["outcome"], "reason": decision["reason"]}
 
-    summary = check_drift(plan)
+    summary = with_links(check_drift(plan), EvidentlyReportLink(), MLflowRunLink())
     chain(plan, ensure_monitoring_store, summary)
     chain(summary, decide_retraining(plan, summary), [trigger_retraining, no_retraining()])
 

@@ -44,6 +44,7 @@ from airflow.sdk import Param, chain, dag, task
 
 from network_security import runtime
 from network_security.delivery import deploy_group
+from network_security.links import MLflowRunLink, with_links
 from network_security.operators import SnapshotValidationOperator
 from tasks.config import AWS_CONN_ID, TRAINING_DAG_ID, Settings, dag_schedule, task_retry_delay
 
@@ -159,8 +160,8 @@ def network_security_training():
 
     features = transform(plan)
     validation_uri = validate.output
-    training = train(plan, features, validation_uri)
-    evaluation = evaluate(plan, features, training, validation_uri)
+    training = with_links(train(plan, features, validation_uri), MLflowRunLink())
+    evaluation = with_links(evaluate(plan, features, training, validation_uri), MLflowRunLink())
     chain(plan, [ensure_monitoring_store, wait_for_drop])
     chain(wait_for_drop, ingest(plan), validate, features)
     promoted = promote_champion(plan, evaluation)

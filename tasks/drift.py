@@ -131,10 +131,9 @@ def _numpy_dtype(name: str) -> Any:
 
 def read_object(body: bytes, key: str, schema: pa.Schema) -> pa.Table:
     """One prediction-log object (``.parquet`` or ``.jsonl``), projected and cast to ``schema``."""
+    import pyarrow as pa
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
-
-    import pyarrow as pa
 
     if key.endswith(".parquet"):
         table = pq.read_table(io.BytesIO(body), columns=schema.names, read_dictionary=[MODEL_COLUMN, VERSION_COLUMN])
@@ -404,6 +403,6 @@ def write_outputs(client: Any, bucket: str, prefix: str, snapshot: Any, summary:
         html = path.read_bytes()
     base = storage.S3Location(bucket, prefix.strip("/"))
     return {
-        "report_uri": storage.put_bytes(client, base.child("report.html"), html),
+        "report_uri": storage.put_bytes(client, base.child("report.html"), html, content_type="text/html"),
         "summary_uri": storage.put_bytes(client, base.child("metrics.json"), json.dumps(summary, indent=2).encode()),
     }

@@ -87,9 +87,16 @@ def ensure_bucket(client: Any, bucket: str) -> None:
             client.create_bucket(Bucket=bucket)
 
 
-def put_bytes(client: Any, location: S3Location, body: bytes, metadata: dict[str, str] | None = None) -> str:
+def put_bytes(
+    client: Any,
+    location: S3Location,
+    body: bytes,
+    metadata: dict[str, str] | None = None,
+    content_type: str | None = None,
+) -> str:
+    extra = {"ContentType": content_type} if content_type else {}
     with reachable(client):
-        client.put_object(Bucket=location.bucket, Key=location.key, Body=body, Metadata=metadata or {})
+        client.put_object(Bucket=location.bucket, Key=location.key, Body=body, Metadata=metadata or {}, **extra)
     return location.uri
 
 
@@ -159,3 +166,35 @@ def read_parquet(client: Any, location: S3Location, columns: list[str] | None = 
     import pandas as pd
 
     return pd.read_parquet(io.BytesIO(get_bytes(client, location)), columns=columns, engine="pyarrow")
+
+
+def browser_url(client: Any, uri: str, endpoint_url: str | None, region: str | None) -> str:
+    """Where a person opens an ``s3://`` object.
+
+    On AWS, the S3 console page of the object (the viewer signs in). On an emulator, which
+    has no console and refuses anonymous reads, a presigned GET URL valid for 7 days.
+    """
+    from urllib.parse import quote
+
+    location = parse_s3_uri(uri)
+    if endpoint_url:
+        return client.generate_presigned_url(
+            "get_object", Params={"Bucket": location.bucket, "Key": location.key}, ExpiresIn=7 * 24 * 3600
+        )
+    region = region or "us-east-1"
+    return (
+        f"https://{region}.console.aws.amazon.com/s3/object/{location.bucket}"
+        f"?region={region}&prefix={quote(location.key, safe='')}"
+    )
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run (the tracking server serves the UI)."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def mlflow_artifact_url(tracking_uri: str, run_id: str, path: str) -> str:
+    """An artifact of a run served as-is by the tracking server (an HTML report opens in the browser)."""
+    from urllib.parse import quote
+
+    return f"{tracking_uri.rstrip('/')}/get-artifact?path={quote(path, safe='')}&run_uuid={run_id}"

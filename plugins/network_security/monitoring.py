@@ -129,7 +129,7 @@ def check_drift(plan: dict[str, Any], dag_run_id: str) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from network_security.runtime import s3_client
-    from tasks import drift
+    from tasks import drift, storage
     from tasks.dataset_spec import load_spec
 
     config = _config(plan)
@@ -173,7 +173,12 @@ def check_drift(plan: dict[str, Any], dag_run_id: str) -> dict[str, Any]:
     )
     prefix = f"drift/{plan['dataset']}/{_run_folder(dag_run_id)}"
     summary.update(drift.write_outputs(client, plan["lake_bucket"], prefix, snapshot, summary))
-    summary["mlflow_run_id"] = _log_monitoring_run(plan, summary, dag_run_id)
+    run = _log_monitoring_run(plan, summary, dag_run_id)
+    summary.update(
+        mlflow_run_id=run.run_id,
+        mlflow_run_url=storage.mlflow_run_url(plan["mlflow_tracking_uri"], run.experiment_id, run.run_id),
+        report_url=storage.mlflow_artifact_url(plan["mlflow_tracking_uri"], run.run_id, "drift/report.html"),
+    )
     log.info(
         "drift: max PSI %.3f, prediction PSI %.3f, drifted %s (%d of %d rows evaluated)",
         summary["max_psi"],
@@ -189,7 +194,7 @@ def _run_folder(dag_run_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in dag_run_id)
 
 
-def _log_monitoring_run(plan: dict[str, Any], summary: dict[str, Any], dag_run_id: str) -> str:
+def _log_monitoring_run(plan: dict[str, Any], summary: dict[str, Any], dag_run_id: str) -> Any:
     """A run in the monitoring experiment with the PSI metrics and the report as artifacts."""
     import mlflow
 
@@ -231,7 +236,7 @@ def _log_monitoring_run(plan: dict[str, Any], summary: dict[str, Any], dag_run_i
 
         html = storage.get_bytes(s3_client(plan), storage.parse_s3_uri(summary["report_uri"]))
         mlflow.log_text(html.decode(), "drift/report.html")
-        return run.info.run_id
+        return run.info
 
 
 def recent_checks(plan: dict[str, Any]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from great_expectations_provider.common.errors import GXValidationFailed
 from great_expectations_provider.operators.validate_batch import GXValidateBatchOperator
 
 from network_security import runtime
+from network_security.links import ValidationResultLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -25,6 +26,7 @@ class SnapshotValidationOperator(GXValidateBatchOperator):
     """
 
     ui_color = "#ffd9a8"
+    operator_extra_links = (ValidationResultLink(),)
 
     def __init__(self, *, plan_task_id: str = "plan_run", **kwargs: Any) -> None:
         super().__init__(

@@ -78,6 +78,16 @@ def s3_client(plan: dict[str, Any]) -> Any:
     return S3Hook(aws_conn_id=plan["aws_conn_id"]).get_conn()
 
 
+def browser_url(uri: str, aws_conn_id: str | None = None) -> str:
+    """An ``s3://`` URI as a URL a browser opens (the emulator's, or the S3 console's)."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    from tasks.storage import browser_url as url_of
+
+    hook = S3Hook(aws_conn_id=aws_conn_id or Settings().aws_conn_id)
+    return url_of(hook.get_conn(), uri, hook.conn_config.endpoint_url, hook.conn_region_name)
+
+
 def boto3_options(plan: dict[str, Any]) -> dict[str, Any]:
     """The same connection as keyword arguments for clients Airflow does not build (GX's)."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -132,7 +142,7 @@ def train(
     client = s3_client(plan)
     layout = layout_of(plan)
     trigger = plan["trigger"]
-    return train_and_register(
+    trained = train_and_register(
         train=storage.read_parquet(client, storage.parse_s3_uri(features["train_uri"])),
         preprocessor=read_preprocessor(client, features["preprocessor_uri"]),
         spec=layout.spec,
@@ -160,6 +170,13 @@ def train(
             **({"drift_report_uri": str(trigger["drift_report_uri"])} if trigger.get("drift_report_uri") else {}),
         },
     )
+    return {**trained, "mlflow_run_url": _run_url(plan, trained)}
+
+
+def _run_url(plan: dict[str, Any], training: dict[str, Any]) -> str:
+    from tasks.storage import mlflow_run_url
+
+    return mlflow_run_url(plan["mlflow_tracking_uri"], training["experiment_id"], training["run_id"])
 
 
 def evaluate(
@@ -171,7 +188,7 @@ def evaluate(
 
     if plan.get("force_gate"):
         log.warning("gate override requested: %s (%s)", plan["force_gate"], plan["force_reason"])
-    return evaluate_challenger(
+    evaluation = evaluate_challenger(
         test=storage.read_parquet(s3_client(plan), storage.parse_s3_uri(features["test_uri"])),
         spec=layout_of(plan).spec,
         rule=load_training_config().gate,
@@ -192,6 +209,7 @@ def evaluate(
         force=plan.get("force_gate"),
         force_reason=plan.get("force_reason"),
     )
+    return {**evaluation, "mlflow_run_url": _run_url(plan, training)}
 
 
 PROMOTION_LOG_FIELDS = (

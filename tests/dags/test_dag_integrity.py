@@ -141,3 +141,24 @@ def test_drift_trigger_is_idempotent_and_training_runs_one_at_a_time(offline_dag
     assert trigger.wait_for_completion is False
     assert offline_dagbag.dags["network_security_training"].max_active_runs == 1
     assert drift.max_active_runs == 1
+
+
+@pytest.mark.parametrize(
+    ("dag_id", "task_id", "links"),
+    [
+        ("network_security_training", "validate", {"Validation result"}),
+        ("network_security_training", "train", {"MLflow run"}),
+        ("network_security_training", "evaluate", {"MLflow run"}),
+        ("network_security_drift", "check_drift", {"Evidently report", "MLflow run"}),
+    ],
+)
+def test_tasks_link_to_what_they_produced(offline_dagbag, dag_id, task_id, links):
+    task = offline_dagbag.dags[dag_id].get_task(task_id)
+    assert {link.name for link in task.operator_extra_links} == links
+
+
+def test_the_plugin_registers_the_links():
+    from airflow import plugins_manager
+
+    names = {type(link).__name__ for link in plugins_manager.get_operator_extra_links()}
+    assert {"MLflowRunLink", "EvidentlyReportLink", "ValidationResultLink"} <= names

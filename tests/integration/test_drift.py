@@ -143,6 +143,16 @@ def test_no_drift_no_trigger(champion_v1, s3, local_stack):
         assert key.startswith(f"drift/network_security/{report.run_id.replace(':', '_').replace('+', '_')}/")
         assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
     assert training_runs_queued() == []
+    # The task's extra links in the UI: the report over HTTP and the monitoring run.
+    import httpx
+
+    assert report.outputs["check_drift:_link_EvidentlyReportLink"] == summary["report_url"]
+    assert report.outputs["check_drift:_link_MLflowRunLink"] == summary["mlflow_run_url"]
+    page = httpx.get(summary["report_url"], timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    bucket, key = summary["report_uri"].removeprefix("s3://").split("/", 1)
+    assert page.content == s3.get_object(Bucket=bucket, Key=key)["Body"].read()  # the same Evidently report
+    assert summary["mlflow_run_url"].startswith(local_stack["MLFLOW_TRACKING_URI"] + "/#/experiments/")
 
 
 def test_drift_queues_exactly_one_training_run_with_its_conf(champion_v1, s3, local_stack):

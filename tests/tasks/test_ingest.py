@@ -317,3 +317,20 @@ def test_missing_lake_bucket_is_a_setup_error_not_a_data_error(
     publish_drop(mock_s3, layout, rows=50, seed=1)  # creates the raw bucket only
     with pytest.raises(storage.MissingBucket, match=settings.lake_bucket):
         ingest_day(mock_s3, layout)
+
+
+def test_browser_urls_of_objects_and_runs(mock_s3):
+    from tasks.storage import browser_url, mlflow_artifact_url, mlflow_run_url
+
+    uri = "s3://lake/validation/network_security/ds=2026-01-01/result.json"
+    presigned = browser_url(mock_s3, uri, "http://127.0.0.1:4566", "us-east-1")
+    assert "validation/network_security/ds%3D2026-01-01/result.json?" in presigned
+    assert "Signature" in presigned and "Expires" in presigned  # a signed GET, not an anonymous one
+    assert browser_url(mock_s3, uri, None, "eu-west-1") == (
+        "https://eu-west-1.console.aws.amazon.com/s3/object/lake?region=eu-west-1"
+        "&prefix=validation%2Fnetwork_security%2Fds%3D2026-01-01%2Fresult.json"
+    )
+    assert mlflow_run_url("http://127.0.0.1:5050/", "3", "abc") == "http://127.0.0.1:5050/#/experiments/3/runs/abc"
+    assert mlflow_artifact_url("http://m:5050", "abc", "drift/report.html") == (
+        "http://m:5050/get-artifact?path=drift%2Freport.html&run_uuid=abc"
+    )
