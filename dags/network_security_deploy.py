@@ -25,7 +25,7 @@ import pendulum
 from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.sdk import Param, chain, dag, task
 
-from network_security import runtime
+from network_security import alerts, runtime
 from network_security.delivery import deploy_group
 from tasks.config import DEPLOY_DAG_ID, Settings, task_retry_delay
 
@@ -42,6 +42,7 @@ INCLUDE = Path(__file__).resolve().parent.parent / "include"
     default_args={
         "owner": "ml-platform",
         "retries": 2,
+        "on_failure_callback": alerts.on_task_failure,
         "retry_delay": timedelta(seconds=task_retry_delay()),
         "execution_timeout": timedelta(minutes=30),
     },

@@ -31,7 +31,7 @@ from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, chain, dag, task
 
-from network_security import monitoring
+from network_security import alerts, monitoring
 from network_security.links import EvidentlyReportLink, MLflowRunLink, with_links
 from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings, dag_schedule, task_retry_delay
 
@@ -50,6 +50,7 @@ RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['r
     default_args={
         "owner": "ml-platform",
         "retries": 2,
+        "on_failure_callback": alerts.on_task_failure,
         "retry_delay": timedelta(seconds=task_retry_delay()),
         "execution_timeout": timedelta(minutes=30),
     },
@@ -103,6 +104,7 @@ def network_security_drift():
         conf=RETRAIN_CONF,
         skip_when_already_exists=True,
         wait_for_completion=False,
+        on_success_callback=alerts.on_retraining_triggered,
     )
 
     @task

@@ -42,7 +42,7 @@ from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.sdk import Param, chain, dag, task
 
-from network_security import runtime
+from network_security import alerts, runtime
 from network_security.delivery import deploy_group
 from network_security.links import MLflowRunLink, with_links
 from network_security.operators import SnapshotValidationOperator
@@ -62,6 +62,7 @@ MONITORING_CONN_ID = Settings().monitoring_conn_id
     default_args={
         "owner": "ml-platform",
         "retries": 2,
+        "on_failure_callback": alerts.on_task_failure,
         "retry_delay": timedelta(seconds=task_retry_delay()),
         "execution_timeout": timedelta(hours=1),
     },

@@ -66,3 +66,32 @@ def pytest_sessionfinish(session, exitstatus):
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         session.exitstatus = pytest.ExitCode.USAGE_ERROR  # a run that tests nothing must not pass
     shutil.rmtree(STATE_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def webhook(monkeypatch):
+    """A local HTTP receiver, configured as the alerts webhook connection; yields the bodies it got."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append({"path": self.path, **json.loads(body)})
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    connection = {"conn_type": "http", "host": f"http://127.0.0.1:{server.server_port}", "extra": {"endpoint": "hook"}}
+    monkeypatch.setenv("AIRFLOW_CONN_ALERTS_WEBHOOK", json.dumps(connection))
+    try:
+        yield received
+    finally:
+        server.shutdown()

@@ -259,17 +259,20 @@ def roll_back(
     """Champion back to previous_champion, every target back to it, logged.
 
     Raises:
-        AirflowFailException: There is nothing to roll back to (first release) or no release.
+        AirflowFailException: There is nothing to roll back to (first release).
+        AirflowSkipException: No release was resolved (the run failed before the deploy).
     """
     from airflow.providers.amazon.aws.hooks.ssm import SsmHook
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     from tasks.deploy import load_deploy_config, rollout_commands
     from tasks.registry import NothingToRollBack
     from tasks.registry import roll_back as move_aliases
 
     if release is None:
-        raise AirflowFailException("deploy failed before the release was resolved; nothing was changed")
+        # one_failed also fires on upstream_failed: a run that failed before the deploy (a
+        # rejected drop, say) reaches here with nothing released. Its own failure stands.
+        raise AirflowSkipException("no release was resolved, so nothing was deployed and nothing is rolled back")
     failed = f"deploy of {release['model_name']} v{release['model_version']} failed"
     try:
         aliases = move_aliases(

@@ -127,7 +127,7 @@ def test_a_window_with_too_few_rows_is_skipped_with_the_reason(champion_v1, loca
     assert "minimum 500" in row["reason"]
 
 
-def test_no_drift_no_trigger(champion_v1, s3, local_stack):
+def test_no_drift_no_trigger(champion_v1, s3, local_stack, webhook):
     log_traffic(local_stack, "1", at(10), rows=800, seed=201)
 
     report, decision = check(at(11))
@@ -142,7 +142,7 @@ def test_no_drift_no_trigger(champion_v1, s3, local_stack):
         bucket, key = uri.removeprefix("s3://").split("/", 1)
         assert key.startswith(f"drift/network_security/{report.run_id.replace(':', '_').replace('+', '_')}/")
         assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
-    assert training_runs_queued() == []
+    assert training_runs_queued() == [] and webhook == []  # no drift, no alert
     # The task's extra links in the UI: the report over HTTP and the monitoring run.
     import httpx
 
@@ -155,7 +155,7 @@ def test_no_drift_no_trigger(champion_v1, s3, local_stack):
     assert summary["mlflow_run_url"].startswith(local_stack["MLFLOW_TRACKING_URI"] + "/#/experiments/")
 
 
-def test_drift_queues_exactly_one_training_run_with_its_conf(champion_v1, s3, local_stack):
+def test_drift_queues_exactly_one_training_run_with_its_conf(champion_v1, s3, local_stack, webhook):
     publish_drop(s3, DayLayout(Settings(), SPEC, "2026-09-10"), rows=2500, knob=DRIFTED)  # labelled drifted day
     log_traffic(local_stack, "1", at(14), rows=800, seed=202, knob=DRIFTED)
 
@@ -173,6 +173,9 @@ def test_drift_queues_exactly_one_training_run_with_its_conf(champion_v1, s3, lo
     assert conf["drifted_features"] == summary["drifted_features"] != []
     assert conf["reason"].startswith("drift: max PSI")
     assert drift_checks(local_stack)[-1]["triggered_run_id"] == run["run_id"]
+    (alert,) = webhook
+    assert alert["event"] == "drift_retraining_triggered" and alert["training_run_id"] == run["run_id"]
+    assert alert["drifted_features"] == summary["drifted_features"] and alert["report_url"] == summary["report_url"]
 
 
 def test_ten_checks_while_the_retrain_is_queued_trigger_nothing(local_stack):

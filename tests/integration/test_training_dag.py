@@ -163,7 +163,7 @@ BAD_DROPS = [
 @pytest.mark.parametrize(
     ("ds", "make_files", "failing_task", "words"), BAD_DROPS, ids=[c[1].__name__.strip("_") for c in BAD_DROPS]
 )
-def test_bad_drop_is_rejected_and_quarantined(s3, ds, make_files, failing_task, words):
+def test_bad_drop_is_rejected_and_quarantined(s3, ds, make_files, failing_task, words, webhook):
     layout = _layout(ds)
     files = make_files()
     _put_raw(s3, layout, files)
@@ -187,6 +187,11 @@ def test_bad_drop_is_rejected_and_quarantined(s3, ds, make_files, failing_task, 
     assert {k.rsplit("/", 1)[-1] for k in raw_keys} == set(files)
     assert _keys(s3, layout.snapshot_dir) == []
     assert _keys(s3, layout.features_dir) == []
+    # The failure was alerted, once, naming the task and the reason.
+    assert len(webhook) == 1, [(a["task_id"], a["error"][:300]) for a in webhook]
+    (alert,) = webhook
+    assert (alert["event"], alert["task_id"], alert["run_id"]) == ("task_failed", failing_task, report.run_id)
+    assert words[0] in alert["error"]
 
 
 def test_second_dataset_runs_through_the_same_dag_by_configuration(s3):
