@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 
-.PHONY: help venv run test test-unit test-integration lint format stack-up stack-down stop stack-status publish-drop suites lock clean-state deploy rollback bench-serving load-test
+.PHONY: help venv run test test-unit test-integration lint format stack-up stack-down stop stack-status publish-drop suites lock clean-state deploy rollback bench-serving load-test bench-drift
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -62,6 +62,17 @@ deploy: $(STAMP) ## redeploy the registry's champion to the deploy targets (netw
 rollback: $(STAMP) ## champion back to previous_champion, redeployed the same way: make rollback REASON="..."
 	@test -n "$(REASON)" || (echo 'usage: make rollback REASON="why"' && exit 2)
 	$(PY) -m scripts.deploy rollback --reason "$(REASON)"
+
+bench-serving: $(STAMP) ## serving benchmark: this app vs `mlflow models serve` vs in-process (needs `make run` first)
+	@test -f .state/env.sh || (echo "no embedded stack: run 'make run' first (the benchmark serves its champion)" && exit 2)
+	. .state/env.sh && $(PY) -m bench.serving $(ARGS)
+
+load-test: $(STAMP) ## 60 s load test of the model server: zero 5xx, every prediction in the S3 log (needs `make run` first)
+	@test -f .state/env.sh || (echo "no embedded stack: run 'make run' first (the load test serves its champion)" && exit 2)
+	. .state/env.sh && $(PY) -m bench.load_test $(ARGS)
+
+bench-drift: $(STAMP) ## drift step vs Evidently on the full data at 100k, 1M, 10M rows (own emulator; ~3 min)
+	$(PY) -m bench.drift $(ARGS)
 
 suites: $(STAMP) ## regenerate include/expectations/*.json from include/datasets/*.yaml
 	$(PY) -m tasks.validate build-suite
