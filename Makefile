@@ -20,8 +20,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt
 
 venv: $(STAMP) ## create the virtualenv (pinned by constraints.txt)
 
-run: $(STAMP) ## start the embedded stack, publish a drop, run the training DAG, print what happened
-	$(PY) -m scripts.run_pipeline $(if $(DS),--ds $(DS))
+run: $(STAMP) ## the closed loop on the embedded stack: train, deploy, serve, drift, retrain, redeploy (ARGS=--no-loop: first training only)
+	$(PY) -m scripts.run_pipeline $(if $(DS),--ds $(DS)) $(ARGS)
 
 test: $(STAMP) ## the whole test suite (unit, DAG integrity, integration on a private stack)
 	$(PY) -m pytest

@@ -18,7 +18,7 @@ feature and one on the predicted probability.
 
 **Trigger**: hourly by schedule (`NS_SCHEDULE_NETWORK_SECURITY_DRIFT`: a cron, a preset such as
 `@daily`, or `none`), or manually. Params (all optional): `dataset`,
-`psi_threshold`, `window_hours`, `min_rows`.
+`psi_threshold`, `window_hours`, `min_rows`, `cooldown_minutes`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['r
             None, type=["null", "integer"], minimum=1, maximum=24 * 31, description="Hours of predictions (24)"
         ),
         "min_rows": Param(None, type=["null", "integer"], minimum=1, description="Fewer rows: skip the check (500)"),
+        "cooldown_minutes": Param(
+            None,
+            type=["null", "integer"],
+            minimum=0,
+            description="Quiet time after a drift-triggered retrain (360); 0 lifts it for this run",
+        ),
     },
     render_template_as_native_obj=True,
 )

@@ -95,7 +95,7 @@ class Loop:
         check = outputs.get("check_drift")
         if check:
             row["psi"] = f"max {check['max_psi']:.3f} / pred {check['prediction_psi']:.3f}"
-            row["report"] = check["report_uri"]
+            row["report"] = check.get("report_url") or check["report_uri"]
         decision = outputs.get("decide_retraining:decision")
         if decision:
             row["decision"] = decision["outcome"] + (
@@ -166,6 +166,7 @@ class Loop:
         drifted_day = (dt.date.fromisoformat(self.args.ds) + dt.timedelta(days=1)).isoformat()
         knob = DriftKnob(feature_drift=1.0)
         before = served_version(self.url, self.api_key)
+        self.champions = (before, None)
 
         _say(f"[2/5] Normal traffic to the champion v{before} at {self.url}")
         self.traffic(self.args.traffic, seed=101)
@@ -177,6 +178,12 @@ class Loop:
         self.traffic(self.args.traffic, seed=102, knob=knob, label="drifted")
         _say(f"[3/5] Running {DRIFT_DAG_ID}: the window now holds drifted traffic")
         check = self.run(DRIFT_DAG_ID, _now(), note="drifted traffic")
+        decision = check.outputs.get("decide_retraining:decision") or {}
+        if decision.get("outcome") == "cooldown":
+            # An earlier make run retrained minutes ago: storm protection holds this drift back.
+            print(f"  {decision['reason']}: the storm protection of an earlier run.")
+            _say(f"[3/5] Running {DRIFT_DAG_ID} again with the run param cooldown_minutes=0, to show the loop")
+            check = self.run(DRIFT_DAG_ID, _now(), conf={"cooldown_minutes": 0}, note="drifted traffic, no cooldown")
         if check.task_states.get("trigger_retraining") != "success":
             print("  the drift check did not trigger a training run; see the table below")
             return False
@@ -201,15 +208,15 @@ class Loop:
 
     def print_table(self) -> None:
         _say("The closed loop")
-        print(f"  {'dag run':66s} {'state':8s} {'PSI':24s} decision")
+        print(f"  {'dag run':78s} {'state':8s} {'PSI':24s} decision")
         for row in self.rows:
             print(
-                f"  {row['dag'] + ' ' + row['run']:66.66s} {row['state']:8s} {row.get('psi', ''):24s} {row.get('decision', '')}"
+                f"  {row['dag'] + ' ' + row['run']:78.78s} {row['state']:8s} {row.get('psi', ''):24s} {row.get('decision', '')}"
             )
             if row.get("champion"):
-                print(f"  {'':66s} {'':8s} {'champion':24s} {row['champion']}")
+                print(f"  {'':78s} {'':8s} {'champion':24s} {row['champion']}")
             if row.get("report"):
-                print(f"  {'':66s} {'':8s} {'report':24s} {row['report']}")
+                print(f"  {'':78s} {'':8s} {'Evidently report':24s} {row['report']}")
         before, after = getattr(self, "champions", (None, None))
         print(f"\n  champion       v{before} before the drift, v{after} after (served at {self.url})")
         print(f"  drift reports  s3://{self.settings.lake_bucket}/drift/{self.settings.dataset}/<run>/report.html")

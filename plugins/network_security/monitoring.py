@@ -52,6 +52,7 @@ def plan_check(params: dict[str, Any], window_end: dt.datetime, run_type: Any) -
         psi_threshold=params.get("psi_threshold"),
         window_hours=params.get("window_hours"),
         min_rows=params.get("min_rows"),
+        cooldown_minutes=params.get("cooldown_minutes"),
     )
     end = window_end.astimezone(dt.UTC)
     partitions = window_partitions(end, config.window_hours)
