@@ -42,7 +42,7 @@ from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.sdk import Param, chain, dag, task
 
-from network_security import alerts, runtime
+from network_security import alerts, assets, runtime
 from network_security.delivery import deploy_group
 from network_security.links import MLflowRunLink, with_links
 from network_security.operators import SnapshotValidationOperator
@@ -119,10 +119,18 @@ def network_security_training():
         timeout=timedelta(hours=12).total_seconds(),
     )
 
-    @task
-    def ingest(plan: dict) -> dict:
-        """Read the day's CSV files into one immutable parquet snapshot."""
-        return runtime.ingest(plan)
+    @task(inlets=[assets.RAW_DROPS], outlets=[assets.SNAPSHOTS])
+    def ingest(plan: dict, outlet_events=None) -> dict:
+        """Read the day's CSV files into one immutable parquet snapshot (an asset event per day)."""
+        snapshot = runtime.ingest(plan)
+        outlet_events[assets.SNAPSHOTS].extra = {
+            "dataset": plan["dataset"],
+            "ds": plan["ds"],
+            "uri": snapshot["snapshot_uri"],
+            "content_hash": snapshot["content_hash"],
+            "rows": snapshot["rows"],
+        }
+        return snapshot
 
     validate = SnapshotValidationOperator(
         task_id="validate",
@@ -149,10 +157,18 @@ def network_security_training():
         """Promote only what passed the rule (or an explicit, logged override)."""
         return "promote_champion" if evaluation["promote"] else "keep_champion"
 
-    @task
-    def promote_champion(plan: dict, evaluation: dict, run_id=None) -> dict:
+    @task(outlets=[assets.CHAMPION])
+    def promote_champion(plan: dict, evaluation: dict, run_id=None, outlet_events=None) -> dict:
         """Move champion to the challenger, previous_champion to the old champion; log it."""
-        return runtime.promote(plan, evaluation, run_id)
+        promoted = runtime.promote(plan, evaluation, run_id)
+        outlet_events[assets.CHAMPION].extra = {
+            "model_name": plan["model_name"],
+            "version": promoted["champion_version"],
+            "previous_version": promoted.get("previous_champion_version"),
+            "mlflow_run_id": evaluation["run_id"],
+            "ds": plan["ds"],
+        }
+        return promoted
 
     @task
     def keep_champion(plan: dict, evaluation: dict, run_id=None) -> dict:

@@ -22,6 +22,7 @@ from typing import Any
 from airflow.providers.amazon.aws.operators.ssm import SsmRunCommandOperator
 from airflow.sdk import TaskGroup, TriggerRule, chain, task
 
+from network_security import assets
 from tasks.config import AWS_CONN_ID
 from tasks.deploy import parse_targets
 
@@ -367,14 +368,22 @@ def deploy_group(plan: Any, *, rollback_on_failure: bool = True, ssm_waiter_dela
         # none_failed_min_one_success even when nothing was released (champion kept).
         plan_task_id = plan.operator.task_id
 
-        @task(task_id="record_deployment", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-        def record_deployment_task(release: dict, image: dict, run_id=None, ti=None) -> dict:
+        @task(
+            task_id="record_deployment",
+            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+            outlets=[assets.SERVED_MODEL],
+        )
+        def record_deployment_task(release: dict, image: dict, run_id=None, ti=None, outlet_events=None) -> dict:
             """One row per target in the deployment log (skipped targets have no row)."""
             fleet, local, smoke = (
                 ti.xcom_pull(task_ids=f"{GROUP_ID}.{t}") for t in ("ec2_fleet", "serve_local", "smoke_test")
             )
             plan = ti.xcom_pull(task_ids=plan_task_id)
-            return record_deployment(plan, release, image, fleet, local, smoke, run_id)
+            recorded = record_deployment(plan, release, image, fleet, local, smoke, run_id)
+            outlet_events[assets.SERVED_MODEL].extra = {
+                k: recorded[k] for k in ("model_name", "model_version", "image_uri", "targets", "endpoint")
+            }
+            return recorded
 
         release = resolve_release_task(plan)
         image = publish_image_task(plan, release)

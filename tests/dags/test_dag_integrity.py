@@ -162,3 +162,16 @@ def test_the_plugin_registers_the_links():
 
     names = {type(link).__name__ for link in plugins_manager.get_operator_extra_links()}
     assert {"MLflowRunLink", "EvidentlyReportLink", "ValidationResultLink"} <= names
+
+
+def test_assets_trace_the_raw_drop_to_the_served_model(offline_dagbag):
+    training = offline_dagbag.dags["network_security_training"]
+
+    def names(objects):
+        return {asset.name for asset in objects}
+
+    assert names(training.get_task("ingest").inlets) == {"network_security_raw_drops"}
+    assert names(training.get_task("ingest").outlets) == {"network_security_snapshots"}
+    assert names(training.get_task("promote_champion").outlets) == {"network_security_champion"}
+    assert names(training.get_task("deploy.record_deployment").outlets) == {"network_security_served_model"}
+    assert not training.get_task("keep_champion").outlets  # a kept champion is no new asset version

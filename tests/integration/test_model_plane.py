@@ -89,6 +89,24 @@ def test_first_run_promotes_the_first_model(first_run, mlflow_client, local_stac
     assert math.isclose(row["challenger_metric"], evaluation["challenger_metrics"]["roc_auc"])
 
 
+def test_the_run_emits_snapshot_and_champion_asset_events(first_run):
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        events = (
+            session.query(AssetModel.name, AssetEvent.extra)
+            .join(AssetEvent, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetEvent.source_run_id == first_run.run_id)
+            .all()
+        )
+    extras = dict(events)
+    assert extras["network_security_snapshots"]["ds"] == "2026-07-01"
+    assert extras["network_security_snapshots"]["content_hash"] == first_run.outputs["ingest"]["content_hash"]
+    assert extras["network_security_champion"]["version"] == "1"
+    assert extras["network_security_champion"]["model_name"] == MODEL
+
+
 def test_training_run_records_lineage_candidates_and_evidence(first_run, mlflow_client):
     run_id = first_run.outputs["train"]["run_id"]
     run = mlflow_client.get_run(run_id)
