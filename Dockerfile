@@ -12,14 +12,14 @@ FROM apache/airflow:3.3.2-python3.11
 WORKDIR /opt/airflow
 
 # Dependencies first, so a code change does not reinstall them. constraints.txt pins every
-# transitive version of the tested environment; requirements-nodeps.txt is the one package whose
-# declared metadata conflicts with Airflow's (see that file), installed without its dependencies.
+# transitive version of the tested environment; requirements-nodeps.txt holds the packages whose
+# declared metadata conflicts with the pins (see that file), installed without their dependencies.
 COPY requirements.txt requirements-nodeps.txt constraints.txt ./
 RUN pip install --no-cache-dir -r requirements.txt -c constraints.txt \
     && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 
-# The distributed executor and the Postgres metadata/monitoring store use what the official
-# image ships (celery and postgres providers, redis, psycopg2): fail the build if the install lost any.
+# The distributed executor and the Postgres metadata/monitoring store need the celery and postgres
+# providers, redis and psycopg2 (pinned in requirements.txt): fail the build if any is missing.
 RUN python -c "import airflow.providers.celery, airflow.providers.postgres, psycopg2, redis"
 
 # Code, owned by root and read-only to the airflow user. serving/ is here too: the deploy tasks

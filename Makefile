@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 
-.PHONY: help venv run test test-unit test-integration lint format stack-up stack-down stop stack-status publish-drop suites lock clean-state deploy rollback bench-serving load-test bench-drift
+.PHONY: help venv run test test-unit test-integration lint format stack-up stack-down stop stack-status publish-drop suites lock clean-state deploy rollback bench-serving load-test bench-drift airflow test-browser distributed-up distributed-down distributed-status distributed-test
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -40,6 +40,24 @@ lint: $(STAMP) ## ruff (incl. Airflow AIR rules) and the GX suites' match with t
 format: $(STAMP) ## apply ruff formatting and fixes
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+test-browser: $(STAMP) ## the Airflow UI in headless Chromium (Debian `chromium`): log in, trigger, follow "MLflow run"
+	$(PY) -m pytest -m browser
+
+distributed-test: $(STAMP) ## CeleryExecutor on Postgres + Redis for real: REST trigger, deferrable sensor, drift retrain, a killed worker
+	$(PY) -m scripts.distributed test
+
+airflow: $(STAMP) ## the embedded stack + `airflow standalone` (UI on AIRFLOW_PORT, 8080); prints the URL and the login
+	$(PY) -m scripts.airflow_ui up
+
+distributed-up: $(STAMP) ## distributed mode on loopback: Postgres metadata, Celery (Redis), 2 workers, MLflow on Postgres (ARGS=--fresh)
+	$(PY) -m scripts.distributed up $(ARGS)
+
+distributed-down: $(STAMP) ## stop what distributed-up started (ARGS=--drop also drops its databases)
+	$(PY) -m scripts.distributed down $(ARGS)
+
+distributed-status: $(STAMP) ## the distributed mode's processes
+	$(PY) -m scripts.distributed status
 
 stack-up: $(STAMP) ## start moto + MLflow, migrate Airflow's DB, apply airflow_settings.yaml, create buckets
 	$(PY) -m scripts.stack up

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -92,12 +92,22 @@ class Ports:
 
 @dataclass(frozen=True)
 class Service:
+    """A process of a stack. The last three fields serve stacks other than this one (scripts/distributed.py).
+
+    ``port`` may be None for a process that listens nowhere; ``health_check`` then (or instead of
+    ``health_path``) says whether it is healthy. ``environment`` is added to this process's
+    environment only, and ``start_hint`` is the command named when its port is taken.
+    """
+
     name: str
-    port: int
+    port: int | None
     port_variable: str
     command: list[str]
     health_path: str
     start_timeout: float = 60.0
+    environment: Mapping[str, str] = field(default_factory=dict)
+    health_check: Callable[[], bool] | None = None
+    start_hint: str = "make stack-up"
 
     @property
     def url(self) -> str:
@@ -203,6 +213,8 @@ def stack_environment(paths: Paths, ports: Ports) -> dict[str, str]:
 
 
 def _healthy(service: Service, timeout: float = 2.0) -> bool:
+    if service.health_check is not None:
+        return service.health_check()
     try:
         with urllib.request.urlopen(service.url + service.health_path, timeout=timeout) as response:
             return response.status == 200
@@ -260,21 +272,31 @@ def _read_pid(paths: Paths, service: Service) -> int | None:
     return pid
 
 
-def start_service(service: Service, paths: Paths, env: dict[str, str]) -> str:
-    """Start one service unless it already runs; return what happened."""
+def _at(service: Service) -> str:
+    return f" at {service.url}" if service.port is not None else ""
+
+
+def start_service(
+    service: Service, paths: Paths, env: dict[str, str], base_environ: Mapping[str, str] | None = None
+) -> str:
+    """Start one service unless it already runs; return what happened.
+
+    The process gets ``base_environ`` (default: this process's environment), then ``env``, then
+    the service's own ``environment``.
+    """
     pid = _read_pid(paths, service)
     if pid is not None and _healthy(service):
-        return f"already running (pid {pid}) at {service.url}"
-    holder = _listener(service.port)
+        return f"already running (pid {pid}){_at(service)}"
+    holder = _listener(service.port) if service.port is not None else None
     if holder is not None:
         root = holder.parent() if holder.parent() and _is_ours(holder.parent(), paths) else holder
         if _is_ours(holder, paths):
             _pid_file(paths, service).write_text(str(root.pid))
             _wait_healthy(service, paths)
-            return f"adopted our earlier process (pid {root.pid}) at {service.url}"
+            return f"adopted our earlier process (pid {root.pid}){_at(service)}"
         raise StackError(
             f"{service.name}: port {service.port} is in use by pid {holder.pid} ({' '.join(holder.cmdline()[:4])}); "
-            f"stop it or choose another port, e.g. `{service.port_variable}={service.port + 1} make stack-up`"
+            f"stop it or choose another port, e.g. `{service.port_variable}={service.port + 1} {service.start_hint}`"
         )
     if pid is not None:  # our process exists but is unhealthy and not listening: restart it
         stop_service(service, paths)
@@ -284,13 +306,18 @@ def start_service(service: Service, paths: Paths, env: dict[str, str]) -> str:
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, **env, STACK_ID_VAR: str(paths.state_dir)},
+        env={
+            **(os.environ if base_environ is None else base_environ),
+            **env,
+            **service.environment,
+            STACK_ID_VAR: str(paths.state_dir),
+        },
         cwd=paths.state_dir,
         start_new_session=True,
     )
     _pid_file(paths, service).write_text(str(process.pid))
     _wait_healthy(service, paths, process)
-    return f"started (pid {process.pid}) at {service.url}"
+    return f"started (pid {process.pid}){_at(service)}"
 
 
 def _wait_healthy(service: Service, paths: Paths, process: subprocess.Popen | None = None) -> None:
@@ -303,8 +330,9 @@ def _wait_healthy(service: Service, paths: Paths, process: subprocess.Popen | No
             tail = (paths.logs / f"{service.name}.log").read_text(errors="replace")[-2000:]
             raise StackError(f"{service.name} exited with code {process.returncode}; last log lines:\n{tail}")
         time.sleep(0.3)
+    probe = f"answer {service.url}{service.health_path}" if service.health_check is None else "become healthy"
     raise StackError(
-        f"{service.name} did not answer {service.url}{service.health_path} within {service.start_timeout:.0f}s; "
+        f"{service.name} did not {probe} within {service.start_timeout:.0f}s; "
         f"see {paths.logs / (service.name + '.log')}"
     )
 
@@ -360,10 +388,19 @@ def down(paths: Paths | None = None, ports: Ports | None = None, only: list[str]
     paths = paths or Paths.from_env()
     ports = ports or Ports.from_env()
     if only is None:
+        stop_airflow_ui(paths)
         stop_model_servers(paths)
     for service in reversed(services(paths, ports)):
         if only is None or service.name in only:
             print(f"  {service.name}: {stop_service(service, paths)}", flush=True)
+
+
+def stop_airflow_ui(paths: Paths) -> None:
+    """Stop the Airflow UI (``scripts/airflow_ui.py``) when it runs on this stack: it needs the rest."""
+    from scripts import airflow_ui
+
+    if (paths.pids / f"{airflow_ui.NAME}.pid").exists():
+        print(f"  {airflow_ui.NAME}: {airflow_ui.stop(paths)}", flush=True)
 
 
 def stop_model_servers(paths: Paths) -> None:

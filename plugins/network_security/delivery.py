@@ -400,6 +400,10 @@ def deploy_group(plan: Any, *, rollback_on_failure: bool = True, ssm_waiter_dela
                 "Comment": "network-security serving rollout",
             },
             wait_for_completion=True,
+            # Waits on the worker even where deferral is the default (make airflow, distributed):
+            # the command takes seconds, and the trigger's ListCommandInvocations is not
+            # implemented by the emulator, so a deferred rollout fails there.
+            deferrable=False,
             waiter_delay=ssm_waiter_delay,
             waiter_max_attempts=60,
         )
