@@ -27,7 +27,7 @@ test: $(STAMP) ## the whole test suite (unit, DAG integrity, integration on a pr
 	$(PY) -m pytest
 
 test-unit: $(STAMP) ## tests without the local stack
-	$(PY) -m pytest -m "not integration and not distributed and not browser"
+	$(PY) -m pytest -m "not integration"
 
 test-integration: $(STAMP) ## DAG runs against a private moto + MLflow stack
 	$(PY) -m pytest -m integration

@@ -327,3 +327,15 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def resolve_alias(tracking_uri: str, model_name: str, alias: str, who: str) -> str:
+    """The version ``model_name@alias`` points at; exits naming the problem when there is none."""
+    from mlflow import MlflowClient
+
+    from tasks.registry import alias_version
+
+    version = alias_version(MlflowClient(tracking_uri=tracking_uri), model_name, alias)
+    if version is None:
+        sys.exit(f"{who}: {model_name}@{alias} does not exist at {tracking_uri}; run `make run` first")
+    return version

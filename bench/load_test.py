@@ -70,6 +70,7 @@ from bench.common import (
     load_average,
     metric_values,
     percentile,
+    resolve_alias,
     run_async,
     sample_records,
     serving_command,
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import Settings
 
     spec = load_spec(args.dataset)
-    version = _resolve(args.tracking_uri, args.model_name, args.alias)
+    version = resolve_alias(args.tracking_uri, args.model_name, args.alias, "load test")
     bucket = args.prediction_log_bucket or Settings.load().lake_bucket
     run = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     prefix = f"{args.prediction_log_prefix.strip('/')}/{run}"
@@ -268,16 +269,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
     return args
-
-
-def _resolve(tracking_uri: str, model_name: str, alias: str) -> str:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(model_name, alias).version)
-    except MlflowException as err:
-        sys.exit(f"load test: cannot resolve {model_name}@{alias} at {tracking_uri}: {err.message}")
 
 
 async def _load(

@@ -67,6 +67,7 @@ from bench.common import (
     load_average,
     metric_values,
     percentile,
+    resolve_alias,
     run_async,
     sample_records,
     serving_command,
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     spec = load_spec(args.dataset)
-    version = _resolve(args.tracking_uri, args.model_name, args.alias)
+    version = resolve_alias(args.tracking_uri, args.model_name, args.alias, "bench")
     log_target = None if args.no_prediction_log else _log_target(args)
     singles = sample_records(spec, args.records, seed=11)
     batch = sample_records(spec, args.batch_records, seed=12)
@@ -254,16 +255,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
     return args
-
-
-def _resolve(tracking_uri: str, model_name: str, alias: str) -> str:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(model_name, alias).version)
-    except MlflowException as err:
-        sys.exit(f"bench: cannot resolve {model_name}@{alias} at {tracking_uri}: {err.message}")
 
 
 def _log_target(args: argparse.Namespace) -> LogTarget:

@@ -10,8 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
-
+from scripts import stack
 from scripts.airflow_settings import PROJECT_ROOT, load_settings
 from tasks import storage
 from tasks.config import SETTINGS_VARIABLE, Settings
@@ -36,13 +35,7 @@ def migrate_airflow(env: dict[str, str]) -> None:
 
 def create_buckets(env: dict[str, str]) -> list[str]:
     settings = configured_settings(env)
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
+    client = stack.s3_client(env)
     buckets = [settings.raw_bucket, settings.lake_bucket]
     for bucket in buckets:
         storage.ensure_bucket(client, bucket)

@@ -404,25 +404,10 @@ def services(config: Config) -> list[stack.Service]:
         name="mlflow",
         port=config.ports.mlflow,
         port_variable="NS_DIST_MLFLOW_PORT",
-        command=[
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            HOST,
-            "--port",
-            str(config.ports.mlflow),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            config.pg_url(config.databases["mlflow"]),
-            # As in docker-compose.yaml: artifacts in the S3 emulator, served by the tracking
-            # server, so clients need no S3 access of their own.
-            "--artifacts-destination",
-            f"s3://{MLFLOW_ARTIFACT_BUCKET}",
-            "--serve-artifacts",
-        ],
+        # As in docker-compose.yaml: artifacts in the S3 emulator.
+        command=stack.mlflow_command(
+            config.ports.mlflow, config.pg_url(config.databases["mlflow"]), f"s3://{MLFLOW_ARTIFACT_BUCKET}"
+        ),
         health_path="/health",
         start_timeout=240.0,
         start_hint=hint,
@@ -548,21 +533,12 @@ def _bootstrap(config: Config, env: dict[str, str]) -> None:
 
 
 def _create_buckets(env: dict[str, str]) -> None:
-    import boto3
-
     from scripts import bootstrap
     from tasks import storage
 
     full = {**base_environ(), **env}
     bootstrap.create_buckets(full)
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
-    storage.ensure_bucket(client, MLFLOW_ARTIFACT_BUCKET)
+    storage.ensure_bucket(stack.s3_client(env), MLFLOW_ARTIFACT_BUCKET)
     print(f"  bucket: {MLFLOW_ARTIFACT_BUCKET} (MLflow artifacts)", flush=True)
 
 

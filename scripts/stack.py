@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -114,6 +115,29 @@ class Service:
         return f"http://{HOST}:{self.port}"
 
 
+def mlflow_command(port: int, backend_store_uri: str, artifacts_destination: str) -> list[str]:
+    """``mlflow server`` on loopback. Artifacts are served by the tracking server (from the
+    state folder or the S3 emulator), so clients need no filesystem or S3 access of their own."""
+    return [
+        sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1",
+        "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", artifacts_destination, "--serve-artifacts",
+    ]  # fmt: skip
+
+
+def s3_client(env: Mapping[str, str]) -> Any:
+    """A boto3 S3 client on the stack whose environment is ``env`` (its emulator and credentials)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
 def services(paths: Paths, ports: Ports) -> list[Service]:
     bin_dir = Path(sys.executable).parent
     mlflow_db = paths.mlflow_dir / "mlflow.db"
@@ -129,25 +153,7 @@ def services(paths: Paths, ports: Ports) -> list[Service]:
             name="mlflow",
             port=ports.mlflow,
             port_variable="MLFLOW_PORT",
-            command=[
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                HOST,
-                "--port",
-                str(ports.mlflow),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{mlflow_db}",
-                # Artifacts are served by the tracking server from the state folder, so
-                # clients need no filesystem or S3 access of their own.
-                "--artifacts-destination",
-                (paths.mlflow_dir / "artifacts").as_uri(),
-                "--serve-artifacts",
-            ],
+            command=mlflow_command(ports.mlflow, f"sqlite:///{mlflow_db}", (paths.mlflow_dir / "artifacts").as_uri()),
             health_path="/health",
             start_timeout=120.0,
         ),

@@ -393,14 +393,18 @@ def newest_labelled_day(client: Any, bucket: str, raw_prefix: str, not_after: st
     return max(days) if days else None
 
 
-def write_outputs(client: Any, bucket: str, prefix: str, snapshot: Any, summary: dict[str, Any]) -> dict[str, str]:
-    """``report.html`` and ``metrics.json`` under ``s3://<bucket>/<prefix>/``."""
+def render_html(snapshot: Any) -> bytes:
+    """The Evidently report as one self-contained HTML page."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "report.html"
         snapshot.save_html(str(path))
-        html = path.read_bytes()
+        return path.read_bytes()
+
+
+def write_outputs(client: Any, bucket: str, prefix: str, html: bytes, summary: dict[str, Any]) -> dict[str, str]:
+    """``report.html`` and ``metrics.json`` under ``s3://<bucket>/<prefix>/``."""
     base = storage.S3Location(bucket, prefix.strip("/"))
     return {
         "report_uri": storage.put_bytes(client, base.child("report.html"), html, content_type="text/html"),

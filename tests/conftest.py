@@ -51,15 +51,7 @@ def local_stack():
 @pytest.fixture(scope="session")
 def s3(local_stack):
     """A boto3 S3 client on the private emulator."""
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=local_stack["AWS_ENDPOINT_URL"],
-        aws_access_key_id=local_stack["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=local_stack["AWS_SECRET_ACCESS_KEY"],
-        region_name=local_stack["AWS_DEFAULT_REGION"],
-    )
+    return stack.s3_client(local_stack)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -95,3 +87,18 @@ def webhook(monkeypatch):
         yield received
     finally:
         server.shutdown()
+
+
+# Suites with their own make targets: they start whole Airflows (standalone, Celery), so they
+# run only when an -m expression names them. A command-line -m (`make test-unit`'s, say)
+# replaces pyproject's addopts -m, so the rule lives here, not there alone.
+OPT_IN_MARKERS = ("browser", "distributed")
+
+
+def pytest_collection_modifyitems(config, items):
+    expression = config.getoption("markexpr") or ""
+    left_out = [m for m in OPT_IN_MARKERS if m not in expression]
+    deselected = [item for item in items if any(item.get_closest_marker(m) for m in left_out)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]

@@ -173,8 +173,9 @@ def check_drift(plan: dict[str, Any], dag_run_id: str) -> dict[str, Any]:
         champion=champion,
     )
     prefix = f"drift/{plan['dataset']}/{_run_folder(dag_run_id)}"
-    summary.update(drift.write_outputs(client, plan["lake_bucket"], prefix, snapshot, summary))
-    run = _log_monitoring_run(plan, summary, dag_run_id)
+    html = drift.render_html(snapshot)
+    summary.update(drift.write_outputs(client, plan["lake_bucket"], prefix, html, summary))
+    run = _log_monitoring_run(plan, summary, html, dag_run_id)
     summary.update(
         mlflow_run_id=run.run_id,
         mlflow_run_url=storage.mlflow_run_url(plan["mlflow_tracking_uri"], run.experiment_id, run.run_id),
@@ -195,7 +196,7 @@ def _run_folder(dag_run_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in dag_run_id)
 
 
-def _log_monitoring_run(plan: dict[str, Any], summary: dict[str, Any], dag_run_id: str) -> Any:
+def _log_monitoring_run(plan: dict[str, Any], summary: dict[str, Any], html: bytes, dag_run_id: str) -> Any:
     """A run in the monitoring experiment with the PSI metrics and the report as artifacts."""
     import mlflow
 
@@ -232,10 +233,6 @@ def _log_monitoring_run(plan: dict[str, Any], summary: dict[str, Any], dag_run_i
             }
         )
         mlflow.log_dict(summary, "drift/metrics.json")
-        from network_security.runtime import s3_client
-        from tasks import storage
-
-        html = storage.get_bytes(s3_client(plan), storage.parse_s3_uri(summary["report_uri"]))
         mlflow.log_text(html.decode(), "drift/report.html")
         return run.info
 

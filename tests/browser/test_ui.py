@@ -22,7 +22,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import boto3
 import psutil
 import pytest
 
@@ -118,14 +117,9 @@ def api(airflow):
 
 @pytest.fixture(scope="module")
 def drop(airflow):
-    client = boto3.client(
-        "s3",
-        endpoint_url=STACK_ENV["AWS_ENDPOINT_URL"],
-        aws_access_key_id=STACK_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=STACK_ENV["AWS_SECRET_ACCESS_KEY"],
-        region_name=STACK_ENV["AWS_DEFAULT_REGION"],
+    return publish_drop(
+        stack.s3_client(STACK_ENV), DayLayout(Settings(), load_spec("network_security"), DS), rows=ROWS, parts=2
     )
-    return publish_drop(client, DayLayout(Settings(), load_spec("network_security"), DS), rows=ROWS, parts=2)
 
 
 @pytest.fixture(scope="module")

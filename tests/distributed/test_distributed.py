@@ -21,18 +21,18 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from scripts import distributed
+from scripts import distributed, stack
 from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings
-from tasks.datagen import DriftKnob, generate, publish_drop
+from tasks.datagen import DriftKnob, publish_drop
 from tasks.dataset_spec import load_spec
 from tasks.layout import DayLayout
+from tests.traffic import log_scored_traffic
 
 pytestmark = pytest.mark.distributed
 
@@ -72,7 +72,6 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def dist(request) -> Stack:
-    import boto3
 
     config = distributed.Config.from_env()
     problem = distributed.preflight(config)
@@ -90,14 +89,7 @@ def dist(request) -> Stack:
         started = time.monotonic()
         env = distributed.up(config, fresh=True)
         print(f"distributed stack up in {time.monotonic() - started:.0f}s")
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-            region_name=env["AWS_DEFAULT_REGION"],
-        )
-        yield Stack(config, env, distributed.AirflowApi.for_config(config), s3)
+        yield Stack(config, env, distributed.AirflowApi.for_config(config), stack.s3_client(env))
     finally:
         if request.session.testsfailed > failed_before:
             reporter = request.config.pluginmanager.get_plugin("terminalreporter")
@@ -195,32 +187,8 @@ def test_training_run_defers_to_the_triggerer_and_runs_on_celery_workers(dist):
 
 
 def _log_traffic(dist: Stack, version: str, hour: dt.datetime, rows: int, seed: int, knob=None) -> None:
-    """Score generated records with ``version`` and log them as the model server does (tests/integration/test_drift.py)."""
-    import mlflow.sklearn
-
-    from serving.prediction_log import PredictionLog
-
-    mlflow.set_tracking_uri(dist.env["MLFLOW_TRACKING_URI"])
-    model = mlflow.sklearn.load_model(f"models:/{MODEL}/{version}")
-    features = generate(SPEC, rows, seed=seed, knob=knob)[SPEC.feature_names]
-    positive = list(model.classes_).index(SPEC.positive_class)
-    probabilities = model.predict_proba(features)[:, positive]
-    log = PredictionLog(dist.s3, bucket=Settings().lake_bucket, prefix="predictions")
-    log.start()
-    log.log(
-        {
-            "request_id": uuid.uuid4().hex,
-            "timestamp": (hour + dt.timedelta(seconds=3000 * i / rows)).isoformat(timespec="milliseconds"),
-            "model_name": MODEL,
-            "model_version": version,
-            **{k: int(v) for k, v in row.items()},
-            "label": SPEC.positive_class if p >= 0.5 else -SPEC.positive_class,
-            "probability": float(p),
-        }
-        for i, (row, p) in enumerate(zip(features.to_dict(orient="records"), probabilities, strict=True))
-    )
-    log.close()
-    assert log.stats()["written"] == rows
+    """Score generated records with ``version`` and log them as the model server does."""
+    log_scored_traffic(dist.s3, dist.env["MLFLOW_TRACKING_URI"], SPEC, MODEL, version, hour, rows, seed, knob)
 
 
 def test_drift_check_triggers_a_training_run_that_the_scheduler_executes(dist):

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-import uuid
 
 import pytest
 
+from scripts import stack
 from scripts.dag_runner import queued_runs, run_dag, run_queued
 from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings
-from tasks.datagen import DriftKnob, generate, publish_drop
+from tasks.datagen import DriftKnob, publish_drop
 from tasks.dataset_spec import load_spec
 from tasks.layout import DayLayout
+from tests.traffic import log_scored_traffic
 
 pytestmark = pytest.mark.integration
 
@@ -62,39 +63,8 @@ def champion_v1(s3, local_stack):
 
 def log_traffic(local_stack, version: str, hour: dt.datetime, rows: int, seed: int, knob=None) -> None:
     """Score generated records with ``version`` and log them as the served app does, within ``hour``."""
-    import boto3
-    import mlflow.sklearn
-
-    from serving.prediction_log import PredictionLog
-
-    mlflow.set_tracking_uri(local_stack["MLFLOW_TRACKING_URI"])
-    model = mlflow.sklearn.load_model(f"models:/{MODEL}/{version}")
-    features = generate(SPEC, rows, seed=seed, knob=knob)[SPEC.feature_names]
-    positive = list(model.classes_).index(SPEC.positive_class)
-    probabilities = model.predict_proba(features)[:, positive]
-    client = boto3.client(
-        "s3",
-        endpoint_url=local_stack["AWS_ENDPOINT_URL"],
-        aws_access_key_id=local_stack["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=local_stack["AWS_SECRET_ACCESS_KEY"],
-        region_name=local_stack["AWS_DEFAULT_REGION"],
-    )
-    log = PredictionLog(client, bucket=Settings().lake_bucket, prefix="predictions")
-    log.start()
-    log.log(
-        {
-            "request_id": uuid.uuid4().hex,
-            "timestamp": (hour + dt.timedelta(seconds=3000 * i / rows)).isoformat(timespec="milliseconds"),
-            "model_name": MODEL,
-            "model_version": version,
-            **{k: int(v) for k, v in row.items()},
-            "label": SPEC.positive_class if p >= 0.5 else -SPEC.positive_class,
-            "probability": float(p),
-        }
-        for i, (row, p) in enumerate(zip(features.to_dict(orient="records"), probabilities, strict=True))
-    )
-    log.close()
-    assert log.stats()["written"] == rows
+    s3 = stack.s3_client(local_stack)
+    log_scored_traffic(s3, local_stack["MLFLOW_TRACKING_URI"], SPEC, MODEL, version, hour, rows, seed, knob)
 
 
 def check(when: dt.datetime, **params):
