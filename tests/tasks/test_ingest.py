@@ -671,8 +671,8 @@ def test_a_file_that_grows_after_the_listing_is_rejected(buckets, layout, networ
         return [(k, size - 100) for k, size in listed(*args)]
 
     monkeypatch.setattr(storage, "list_sizes", stale_listing)
-    with pytest.raises(DataRejected, match=f"raw file {key} grew past limits.max_file_bytes"):
-        ingest_day(buckets, _with_limits(layout, max_file_bytes=10_000_000))
+    with pytest.raises(DataRejected, match=f"raw file {key} changed while it was read: listed at "):
+        ingest_day(buckets, layout)
 
 
 # --- quarantine keeps the paths below the day's prefix -----------------------------------------
