@@ -435,6 +435,19 @@ def test_floats_are_parsed_exactly(buckets, settings, flows_spec) -> None:
             np.testing.assert_allclose(snapshot[column.name], old[column.name], rtol=1e-13)
 
 
+def test_content_hash_in_row_chunks_is_the_whole_frame_hash(network_spec, monkeypatch) -> None:
+    import hashlib
+
+    frame = generate(network_spec, 1000, seed=4).assign(note=pd.array(["x", None] * 500, dtype="string[pyarrow]"))
+    frame["Iframe"] = frame["Iframe"].astype("Int8").mask(frame.index % 7 == 0)
+    whole = hashlib.sha256()
+    whole.update("|".join(f"{c}:{t}" for c, t in frame.dtypes.astype(str).items()).encode())
+    whole.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    monkeypatch.setattr(ingest, "HASH_ROWS", 64)
+    assert content_hash(frame) == whole.hexdigest()
+    assert content_hash(frame.iloc[:0]) == content_hash(frame.iloc[:0].copy())
+
+
 def test_na_strings_are_pandas_defaults() -> None:
     from pandas._libs.parsers import STR_NA_VALUES
 
@@ -457,6 +470,7 @@ def test_duplicate_mask_equals_pandas_duplicated(seed: int) -> None:
     assert expected.any() and not expected.all()
     assert (ingest.duplicate_mask(frame) == expected).all()
     assert not ingest.duplicate_mask(frame.iloc[:0]).any()
+    assert not ingest.duplicate_mask(frame.assign(row=np.arange(n))).any()  # a column of distinct values
 
 
 # --- limits: each at the limit (accepted) and over it (rejected, naming it) ---------------------
