@@ -212,7 +212,7 @@ def quarantine_drop(client: Any, layout: DayLayout, reason: str, stage: str, fil
     The raw files stay where they are (upstream owns the landing zone); the day's
     snapshot and features are deleted so nothing downstream mistakes them for good data.
     Each file keeps its path below the day's prefix (``a/x.csv`` and ``b/x.csv`` are two
-    files in quarantine, not one), and ``reason.json`` maps every raw file to its copy.
+    files in quarantine, not one); ``reason.json`` lists every raw file and its copy, in the same order.
 
     Args:
         client: boto3 S3 client.

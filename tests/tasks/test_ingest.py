@@ -716,3 +716,17 @@ def test_quarantine_of_named_files_only(buckets, layout) -> None:
     note = storage.get_json(buckets, storage.parse_s3_uri(uri))
     assert note["quarantined_files"] == [layout.quarantine_dir.child("b/x.csv").uri]
     assert not storage.exists(buckets, layout.quarantine_dir.child("a/x.csv"))
+
+
+def test_a_file_too_large_for_one_copy_is_quarantined_in_parts(buckets, layout, monkeypatch) -> None:
+    """Above COPY_SINGLE_MAX_BYTES (4 GiB; here 8 MiB) quarantine copies in parts, still server-side."""
+    monkeypatch.setattr(storage, "COPY_SINGLE_MAX_BYTES", 8 * 2**20)
+    monkeypatch.setattr(storage, "COPY_PART_BYTES", 5 * 2**20)
+    body = np.random.default_rng(0).bytes(12 * 2**20)
+    storage.put_bytes(buckets, layout.raw_prefix.child("big/part-0000.csv"), body)
+    quarantine_drop(buckets, layout, "too large", "ingest")
+    copied = buckets.head_object(
+        Bucket=layout.quarantine_dir.bucket, Key=layout.quarantine_dir.child("big/part-0000.csv").key
+    )
+    assert copied["ETag"].strip('"').endswith("-3")  # a multipart object: three parts
+    assert storage.get_bytes(buckets, layout.quarantine_dir.child("big/part-0000.csv")) == body
