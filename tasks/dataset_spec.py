@@ -26,6 +26,36 @@ class SpecError(ValueError):
     """A dataset spec file is malformed; the message names the file and the field."""
 
 
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """How large a day's drop may be before ingestion rejects it (spec key ``limits``).
+
+    Ingestion checks each limit before it holds the data it bounds, so a drop over a
+    limit is rejected (and quarantined) instead of exhausting the worker's memory. The
+    defaults keep a drop at every limit under about 1 GB of worker memory with the
+    committed specs; raise them per spec for a bigger worker.
+
+    Attributes:
+        max_file_bytes: Size of one raw file, from the S3 listing, checked before any read.
+        max_columns: Columns in a raw file's header, read from its first bytes.
+        max_rows: Data rows of the whole day (all files), counted while streaming.
+        max_table_bytes: Memory of the day's typed table (spec columns at their dtype,
+            other columns as text), counted while streaming. It bounds what the other
+            limits cannot: many files at ``max_file_bytes``, or wide rows of text.
+    """
+
+    max_file_bytes: int = 256 * MiB
+    max_columns: int = 1_000
+    max_rows: int = 5_000_000
+    max_table_bytes: int = 256 * MiB
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
 @dataclass(frozen=True)
 class ColumnSpec:
     """One column of the dataset.
@@ -67,6 +97,7 @@ class DatasetSpec:
         drop_duplicates: Drop exact duplicate rows at ingestion. Off by default:
             low-cardinality features repeat legitimately.
         raw_prefix: Key prefix of the landing zone in the raw bucket.
+        limits: Size limits of a drop (see ``IngestLimits``).
     """
 
     name: str
@@ -79,6 +110,7 @@ class DatasetSpec:
     positive_fraction_bounds: tuple[float, float] = (0.05, 0.95)
     drop_duplicates: bool = False
     raw_prefix: str = ""
+    limits: IngestLimits = field(default_factory=IngestLimits)
     source_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -119,6 +151,7 @@ class DatasetSpec:
             "positive_fraction_bounds": list(self.positive_fraction_bounds),
             "drop_duplicates": self.drop_duplicates,
             "raw_prefix": self.raw_prefix,
+            "limits": self.limits.to_dict(),
         }
 
 
@@ -157,6 +190,21 @@ def _parse_column(raw: dict, defaults: dict, where: str) -> ColumnSpec:
         min_value=merged.get("min_value"),
         max_value=merged.get("max_value"),
     )
+
+
+def _parse_limits(raw: object, where: str) -> IngestLimits:
+    if raw is None:
+        return IngestLimits()
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: 'limits' is a mapping such as {{max_file_bytes: 268435456, max_rows: 5000000}}")
+    known = list(IngestLimits.__dataclass_fields__)
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {unknown} in 'limits'; known: {known}")
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"{where}: limits.{key} must be a positive integer, got {value!r}")
+    return IngestLimits(**raw)
 
 
 def load_spec(name_or_path: str | Path) -> DatasetSpec:
@@ -200,6 +248,9 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise SpecError(f"{where}: duplicated column names {duplicated}")
+    limits = _parse_limits(raw.get("limits"), where)
+    if limits.max_columns < len(names):
+        raise SpecError(f"{where}: limits.max_columns = {limits.max_columns} is below the spec's {len(names)} columns")
     bounds = tuple(raw.get("positive_fraction_bounds", (0.05, 0.95)))
     if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1] <= 1:
         raise SpecError(f"{where}: positive_fraction_bounds must be [low, high] within [0, 1]")
@@ -214,6 +265,7 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
         positive_fraction_bounds=(float(bounds[0]), float(bounds[1])),
         drop_duplicates=bool(raw.get("drop_duplicates", False)),
         raw_prefix=raw.get("raw_prefix", raw.get("name", path.stem)),
+        limits=limits,
         source_file=path,
     )
 

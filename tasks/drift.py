@@ -235,15 +235,17 @@ def champion_reference(tracking_uri: str, model_name: str) -> dict[str, Any]:
 
 def reference_frame(client: Any, champion: dict[str, Any], spec: DatasetSpec) -> pd.DataFrame:
     """The champion's training snapshot(s), features only, scored by the champion."""
-    import mlflow.sklearn
+    import mlflow
     import pandas as pd
+
+    from tasks.model_io import load_model
 
     frames = [
         storage.read_parquet(client, storage.parse_s3_uri(uri), columns=spec.feature_names)
         for uri in champion["snapshot_uris"]
     ]
     reference = pd.concat(frames, ignore_index=True).astype({c.name: c.dtype for c in spec.features})
-    model = mlflow.sklearn.load_model(f"models:/{champion['model_name']}/{champion['model_version']}")
+    model = load_model(mlflow.get_tracking_uri(), champion["model_name"], champion["model_version"])
     classes = list(model.classes_)
     positive = classes.index(spec.positive_class)
     reference[PREDICTION_COLUMN] = model.predict_proba(reference[spec.feature_names])[:, positive].astype("float32")

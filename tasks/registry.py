@@ -24,6 +24,7 @@ from tasks.evaluate import (
 )
 from tasks.gate import GateRule, decide
 from tasks.model_card import render_model_card
+from tasks.model_io import load_model
 from tasks.train import CHAMPION, PREVIOUS_CHAMPION, check_tracking_server
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,9 @@ def alias_version(client: Any, model_name: str, alias: str) -> str | None:
 
 
 def load_version(model_name: str, version: str) -> Any:
-    import mlflow.sklearn
+    import mlflow
 
-    return mlflow.sklearn.load_model(f"models:/{model_name}/{version}")
+    return load_model(mlflow.get_tracking_uri(), model_name, version)
 
 
 def score(model: Any, test: pd.DataFrame, spec: DatasetSpec) -> tuple[dict[str, float], Any, Any]:

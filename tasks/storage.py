@@ -2,7 +2,8 @@
 
 The client is passed in (from Airflow's ``S3Hook`` inside DAGs, from a plain boto3
 session in scripts and tests), so the same code talks to the emulator or to AWS.
-Files are read into memory: a day's drop is megabytes, not gigabytes.
+Small objects are read whole; a raw drop, which can be large, is listed with its sizes
+and read by range or as a stream (see ``tasks.ingest``).
 """
 
 from __future__ import annotations
@@ -129,11 +130,31 @@ def exists(client: Any, location: S3Location) -> bool:
 
 def list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
     """All keys under ``prefix``, sorted, so reading a day's files is deterministic."""
-    keys: list[str] = []
+    return [key for key, _ in list_sizes(client, bucket, prefix)]
+
+
+def list_sizes(client: Any, bucket: str, prefix: str) -> list[tuple[str, int]]:
+    """``(key, size in bytes)`` of every object under ``prefix``, sorted by key (sizes from the listing)."""
+    objects: list[tuple[str, int]] = []
     with reachable(client):
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys.extend(obj["Key"] for obj in page.get("Contents", []))
-    return sorted(keys)
+            objects.extend((obj["Key"], int(obj["Size"])) for obj in page.get("Contents", []))
+    return sorted(objects)
+
+
+def get_range(client: Any, location: S3Location, start: int, length: int) -> bytes:
+    """``length`` bytes from offset ``start`` (fewer at the end of the object): a ranged GET."""
+    with reachable(client):
+        response = client.get_object(
+            Bucket=location.bucket, Key=location.key, Range=f"bytes={start}-{start + length - 1}"
+        )
+        return response["Body"].read()
+
+
+def open_stream(client: Any, location: S3Location) -> Any:
+    """The object's body as a stream (``read(n)``, ``close()``); the caller reads it in chunks."""
+    with reachable(client):
+        return client.get_object(Bucket=location.bucket, Key=location.key)["Body"]
 
 
 def delete_prefix(client: Any, bucket: str, prefix: str) -> int:
@@ -146,11 +167,19 @@ def delete_prefix(client: Any, bucket: str, prefix: str) -> int:
     return len(keys)
 
 
+# One CopyObject up to this size (S3 allows 5 GiB); above it, a multipart copy in parts of
+# COPY_PART_BYTES, so an oversized raw file can still be quarantined. Both run inside S3.
+COPY_SINGLE_MAX_BYTES = 4 * 1024**3
+COPY_PART_BYTES = 1024**3
+
+
 def copy(client: Any, source: S3Location, target: S3Location) -> str:
+    """Server-side copy of any size (the bytes never pass through this process)."""
+    from boto3.s3.transfer import TransferConfig
+
+    config = TransferConfig(multipart_threshold=COPY_SINGLE_MAX_BYTES, multipart_chunksize=COPY_PART_BYTES)
     with reachable(client):
-        client.copy_object(
-            Bucket=target.bucket, Key=target.key, CopySource={"Bucket": source.bucket, "Key": source.key}
-        )
+        client.copy({"Bucket": source.bucket, "Key": source.key}, target.bucket, target.key, Config=config)
     return target.uri
 
 

@@ -211,6 +211,8 @@ def quarantine_drop(client: Any, layout: DayLayout, reason: str, stage: str, fil
 
     The raw files stay where they are (upstream owns the landing zone); the day's
     snapshot and features are deleted so nothing downstream mistakes them for good data.
+    Each file keeps its path below the day's prefix (``a/x.csv`` and ``b/x.csv`` are two
+    files in quarantine, not one); ``reason.json`` lists every raw file and its copy, in the same order.
 
     Args:
         client: boto3 S3 client.
@@ -227,7 +229,7 @@ def quarantine_drop(client: Any, layout: DayLayout, reason: str, stage: str, fil
     offending = [k for k in (files or []) if k in day_keys] or day_keys
     target = layout.quarantine_dir
     copied = [
-        storage.copy(client, storage.S3Location(raw.bucket, key), target.child(key.rsplit("/", 1)[-1]))
+        storage.copy(client, storage.S3Location(raw.bucket, key), target.child(key.removeprefix(raw.key)))
         for key in offending
     ]
     withdrawn = storage.delete_prefix(client, layout.snapshot_dir.bucket, layout.snapshot_dir.key + "/")

@@ -14,6 +14,7 @@ from tasks.dataset_spec import (
     DATASETS_DIR,
     NUMERIC,
     DatasetSpec,
+    IngestLimits,
     SpecError,
     available_datasets,
     load_spec,
@@ -172,3 +173,41 @@ def test_spec_error_is_a_value_error() -> None:
 def test_non_mapping_spec_raises_spec_error(tmp_path: Path, text: str) -> None:
     with pytest.raises(SpecError):
         load_spec(write_spec(tmp_path, text))
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+def test_limits_default_when_absent(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, VALID))
+    assert spec.limits == IngestLimits()
+    assert spec.to_dict()["limits"] == {
+        "max_file_bytes": 256 * 2**20,
+        "max_columns": 1000,
+        "max_rows": 5_000_000,
+        "max_table_bytes": 256 * 2**20,
+    }
+
+
+def test_limits_are_overridable_per_spec(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, {**VALID, "limits": {"max_rows": 10, "max_file_bytes": 2048}}))
+    assert (spec.limits.max_rows, spec.limits.max_file_bytes) == (10, 2048)
+    assert spec.limits.max_columns == IngestLimits().max_columns  # the others keep their defaults
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ({"max_row": 10}, "unknown key(s) ['max_row'] in 'limits'"),
+        ({"max_rows": 0}, "limits.max_rows must be a positive integer, got 0"),
+        ({"max_rows": "1e6"}, "limits.max_rows must be a positive integer, got '1e6'"),
+        ({"max_columns": True}, "limits.max_columns must be a positive integer, got True"),
+        ({"max_columns": 3}, "limits.max_columns = 3 is below the spec's 4 columns"),
+        ([1, 2], "'limits' is a mapping"),
+    ],
+)
+def test_malformed_limits_raise_spec_error(tmp_path: Path, limits: Any, expected: str) -> None:
+    path = write_spec(tmp_path, {**VALID, "limits": limits})
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert expected in str(err.value) and str(path) in str(err.value)
