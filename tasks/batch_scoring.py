@@ -3,7 +3,7 @@
 ::
 
     s3://<raw>/<backlog prefix>/ds=YYYY-MM-DD/*.csv|*.parquet        the backlog (the spec's features; other columns ignored)
-    s3://<lake>/batch_scores/<dataset>/ds=YYYY-MM-DD/predictions.parquet   one row per scored backlog row
+    s3://<lake>/batch_scores/<dataset>/ds=YYYY-MM-DD/predictions/*.parquet one row per scored backlog row
     s3://<lake>/batch_scores/<dataset>/ds=YYYY-MM-DD/rejected.parquet      rows that fail the spec, with the reason
     s3://<lake>/batch_scores/<dataset>/ds=YYYY-MM-DD/manifest.json          counts, version, every key written
     s3://<lake>/predictions/<model_name>/dt=.../HH/batch-<ds>-<file>-<chunk>.parquet   the prediction log
@@ -13,9 +13,10 @@
   with ``Predictor.predict`` (the server's ``/predict/batch`` path). For batch-invariant models
   (forests, trees, row-wise preprocessing) every label and probability is bit-identical to
   the server's; for BLAS-based estimators they agree to rounding in the last bits.
-* **Flat memory**: each backlog file is streamed to a temporary file, read ``chunk_rows`` at a
-  time, scored, and appended to the output parquet as one row group; only one chunk is in
-  memory at a time.
+* **Flat memory**: each backlog file is streamed to a temporary file and read ``chunk_rows`` at a
+  time; a scored chunk is encoded once as parquet, written to the prediction log and copied
+  (inside S3) as a part of the output dataset by a background thread while the next chunk
+  is scored; at most a few chunks are in memory at any time.
 * **Idempotent per ds**: the request ids (``batch-<ds>-<file>:<row>``), the log keys and the
   output keys derive from ``ds``, the file names and ``scored_at`` (the DAG passes its data
   interval end). A rerun overwrites them; the keys a previous run of the same ``ds`` wrote
@@ -48,6 +49,7 @@ from tasks.dataset_spec import CATEGORICAL, PROJECT_ROOT, DatasetSpec
 from tasks.layout import check_ds
 
 if TYPE_CHECKING:
+    import pandas as pd
     import pyarrow as pa
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,12 @@ class BatchLayout:
         return storage.S3Location(self.lake_bucket, f"{self.config.output_area}/{self.spec.name}/ds={self.ds}")
 
     @property
-    def predictions(self) -> storage.S3Location:
-        return self.output_dir.child("predictions.parquet")
+    def predictions_dir(self) -> storage.S3Location:
+        """A parquet dataset: one part per scored chunk (``part-<file>-<chunk>.parquet``)."""
+        return self.output_dir.child("predictions")
+
+    def output_key(self, file_stem: str, chunk: int) -> str:
+        return self.predictions_dir.child(f"part-{file_stem}-{chunk:05d}.parquet").key
 
     @property
     def rejected(self) -> storage.S3Location:
@@ -222,11 +228,12 @@ def backlog_files(client: Any, layout: BatchLayout) -> list[str]:
     return [k for k in keys if k.endswith(BACKLOG_SUFFIXES)]
 
 
-def read_chunks(path: Path, key: str, spec: DatasetSpec, chunk_rows: int) -> Iterator[pa.RecordBatch]:
-    """The spec's feature columns of a local backlog file, ``chunk_rows`` rows at a time, as float64.
+def read_chunks(path: Path, key: str, spec: DatasetSpec, chunk_rows: int) -> Iterator[np.ndarray]:
+    """The spec's feature columns of a local backlog file, ``chunk_rows`` rows at a time, as float64 matrices.
 
     float64 holds every value of the spec's int8..int32 and float types exactly, so a value
-    that is out of range or not whole is seen (and rejected) instead of wrapped or rounded.
+    that is out of range or not whole is seen (and rejected) instead of wrapped or rounded;
+    a missing value is NaN.
 
     Raises:
         BatchScoringError: A feature column is missing or holds text.
@@ -250,7 +257,8 @@ def read_chunks(path: Path, key: str, spec: DatasetSpec, chunk_rows: int) -> Ite
                 include_columns=names, column_types={n: pa.float64() for n in names}, strings_can_be_null=True
             )
             batches = pa_csv.open_csv(path, read_options=read, convert_options=convert)
-        yield from _rebatch((_as_float64(batch, names) for batch in batches), chunk_rows)
+        for batch in _rebatch(batches, chunk_rows):
+            yield _matrix(batch, names)
     except pa.ArrowInvalid as err:
         raise BatchScoringError(
             f"backlog {key} cannot be read as the {spec.name!r} features ({err}); fix or remove the file and rerun"
@@ -259,10 +267,19 @@ def read_chunks(path: Path, key: str, spec: DatasetSpec, chunk_rows: int) -> Ite
         raise BatchScoringError(f"backlog {key} lacks a feature column ({err})") from err
 
 
-def _as_float64(batch: pa.RecordBatch, names: list[str]) -> pa.RecordBatch:
+def _matrix(batch: pa.RecordBatch, names: list[str]) -> np.ndarray:
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    return pa.record_batch([batch.column(n).cast(pa.float64()) for n in names], names=names)
+    # Column-major: filled, checked and encoded column by column (and the server's one-hot reads columns).
+    matrix = np.empty((batch.num_rows, len(names)), dtype=np.float64, order="F")
+    for position, name in enumerate(names):
+        column = batch.column(name)
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+            column = pc.cast(column, pa.float64())  # numbers stored as text parse; anything else raises
+        # Integer columns with nulls come out as float64 with NaN.
+        matrix[:, position] = column.to_numpy(zero_copy_only=False)
+    return matrix
 
 
 def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
@@ -291,6 +308,42 @@ def reject_reasons(matrix: np.ndarray, spec: DatasetSpec) -> np.ndarray:
         spec: The dataset.
     """
     reasons = np.full(matrix.shape[0], "", dtype=object)
+    bad = _invalid_rows(matrix, spec)
+    if bad.any():
+        reasons[bad] = _reasons(matrix[bad], spec)
+    return reasons
+
+
+def _invalid_rows(matrix: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """Rows failing any check, vectorised over the whole chunk (the common case: none)."""
+    bad = np.isnan(matrix).any(axis=1)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for position, column in enumerate(spec.features):
+        if column.kind == CATEGORICAL:
+            groups.setdefault(tuple(column.allowed_values), []).append(position)
+        else:
+            values = matrix[:, position]
+            if column.min_value is not None:
+                bad |= values < column.min_value
+            if column.max_value is not None:
+                bad |= values > column.max_value
+            if column.is_integer:
+                limits = np.iinfo(np.dtype(column.dtype))
+                bad |= (values != np.round(values)) | (values < limits.min) | (values > limits.max)
+            bad |= np.isinf(values)
+    for allowed, positions in groups.items():
+        block = matrix[:, positions]
+        # A few equality tests beat np.isin for the handful of values a categorical feature has.
+        hit = np.zeros(block.shape, dtype=bool)
+        for value in allowed:
+            hit |= block == value
+        bad |= ~hit.all(axis=1)
+    return bad
+
+
+def _reasons(matrix: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """The first failing check of each (bad) row, named: ``<feature>: <problem>``."""
+    reasons = np.full(matrix.shape[0], "", dtype=object)
     for position, column in enumerate(spec.features):
         values = matrix[:, position]
         problems = [(np.isnan(values), "missing")]
@@ -305,8 +358,7 @@ def reject_reasons(matrix: np.ndarray, spec: DatasetSpec) -> np.ndarray:
                 limits = np.iinfo(np.dtype(column.dtype))
                 problems.append((np.isfinite(values) & (values != np.round(values)), "not a whole number"))
                 problems.append(((values < limits.min) | (values > limits.max), f"out of {column.dtype}"))
-            else:
-                problems.append((np.isinf(values), "infinite"))
+            problems.append((np.isinf(values), "infinite"))
         for mask, text in problems:
             hit = mask & (reasons == "")
             if hit.any():
@@ -340,28 +392,78 @@ def scored_table(
     matrix: np.ndarray,
     labels: np.ndarray,
     probabilities: np.ndarray,
-    request_ids: list[str],
+    request_ids: pa.Array,
     *,
     spec: DatasetSpec,
     model: ScoringModel,
     timestamp: str,
 ) -> pa.Table:
-    """Prediction-log records of scored rows (the serving app's keys in its order, then ``source``)."""
+    """Prediction-log records of scored rows (the serving app's keys in its order, then ``source``).
+
+    The columns that are the same on every row are dictionary-encoded (one value each).
+    """
     import pyarrow as pa
 
     rows = len(request_ids)
+
+    def constant(value: str) -> pa.DictionaryArray:
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array([value]))
+
     columns: dict[str, Any] = {
-        "request_id": pa.array(request_ids, type=pa.string()),
-        "timestamp": pa.array([timestamp] * rows, type=pa.string()),
-        "model_name": pa.array([model.name] * rows, type=pa.string()),
-        "model_version": pa.array([model.version] * rows, type=pa.string()),
+        "request_id": request_ids,
+        "timestamp": constant(timestamp),
+        "model_name": constant(model.name),
+        "model_version": constant(model.version),
     }
     for position, column in enumerate(spec.features):
         columns[column.name] = pa.array(matrix[:, position].astype(column.dtype))
     columns["label"] = pa.array(labels.astype(spec.target.dtype))
     columns["probability"] = pa.array(probabilities, type=pa.float64())
-    columns["source"] = pa.array([SOURCE] * rows, type=pa.string())
+    columns["source"] = constant(SOURCE)
     return pa.table(columns)
+
+
+def request_ids(ds: str, stem: str, positions: np.ndarray) -> pa.Array:
+    """``batch-<ds>-<file>:<row>`` for each row position (the contract's ``<request_id>:<index>``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(f"batch-{ds}-{stem}:", pc.cast(pa.array(positions), pa.string()), "")
+
+
+class _ChunkWriter:
+    """Writes scored chunks from one background thread while the next chunk is scored.
+
+    Parquet encoding and S3 calls release the GIL, so on two cores writing overlaps scoring;
+    at most ``pending`` chunks wait, which bounds the memory to a few chunks.
+    """
+
+    def __init__(self, client: Any, bucket: str, pending: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.client = client
+        self.bucket = bucket
+        self.pending = pending
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer")
+        self._futures: list[Any] = []
+
+    def submit(self, table: pa.Table, log_key: str, output_key: str) -> None:
+        while len(self._futures) >= self.pending:
+            self._futures.pop(0).result()
+        self._futures.append(self._pool.submit(self._write, table, log_key, output_key))
+
+    def _write(self, table: pa.Table, log_key: str, output_key: str) -> None:
+        storage.put_bytes(self.client, storage.S3Location(self.bucket, log_key), _parquet_bytes(table))
+        # The output part is the same object: copied inside S3, encoded once.
+        storage.copy(self.client, storage.S3Location(self.bucket, log_key), storage.S3Location(self.bucket, output_key))
+
+    def close(self) -> None:
+        """Wait for every write; raise the first failure."""
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def score_backlog(
@@ -381,7 +483,7 @@ def score_backlog(
 
     Returns:
         The manifest: dataset, ds, model, counts (files, rows read, scored, rejected, chunks),
-        label counts, the output URIs and every prediction-log key written.
+        label counts, the output URIs and every key written.
 
     Raises:
         BatchScoringError: No backlog for the day, or a backlog file that cannot be read.
@@ -397,65 +499,61 @@ def score_backlog(
     counts = {"files": len(keys), "rows_read": 0, "rows_scored": 0, "rows_rejected": 0, "chunks": 0}
     label_counts: dict[str, int] = {}
     log_keys: list[str] = []
+    output_keys: list[str] = []
     with tempfile.TemporaryDirectory(prefix="batch-scoring-") as folder:
-        output_path, rejected_path = Path(folder) / "predictions.parquet", Path(folder) / "rejected.parquet"
-        writers: dict[str, Any] = {}
+        rejected_path = Path(folder) / "rejected.parquet"
+        rejected_writer = None
+        writer = _ChunkWriter(client, layout.lake_bucket)
         try:
             for key in keys:
                 local = Path(folder) / "backlog"
                 with storage.reachable(client):
                     client.download_file(layout.backlog.bucket, key, str(local))
                 stem, row = file_stem(key), 0
-                for chunk_index, batch in enumerate(read_chunks(local, key, spec, config.chunk_rows)):
-                    matrix = np.column_stack(
-                        [batch.column(i).to_numpy(zero_copy_only=False) for i in range(batch.num_columns)]
-                    )
-                    ids = np.array(
-                        [f"batch-{layout.ds}-{stem}:{i}" for i in range(row, row + len(matrix))], dtype=object
-                    )
+                for chunk_index, matrix in enumerate(read_chunks(local, key, spec, config.chunk_rows)):
+                    positions = np.arange(row, row + len(matrix))
                     row += len(matrix)
                     counts["rows_read"] += len(matrix)
                     reasons = reject_reasons(matrix, spec)
                     bad = reasons != ""
                     if bad.any():
                         counts["rows_rejected"] += int(bad.sum())
-                        _append(
-                            writers,
-                            "rejected",
-                            rejected_path,
-                            _rejected_table(matrix[bad], ids[bad], reasons[bad], spec),
+                        table = _rejected_table(
+                            matrix[bad], request_ids(layout.ds, stem, positions[bad]), reasons[bad], spec
                         )
-                    valid = matrix[~bad]
-                    if not len(valid):
+                        if rejected_writer is None:
+                            rejected_writer = _parquet_writer(rejected_path, table.schema)
+                        rejected_writer.write_table(table)
+                        matrix, positions = matrix[~bad], positions[~bad]
+                    if not len(matrix):
                         continue
-                    labels, probabilities = score_chunk(model, valid)
+                    labels, probabilities = score_chunk(model, matrix)
                     table = scored_table(
-                        valid, labels, probabilities, ids[~bad].tolist(), spec=spec, model=model, timestamp=timestamp
+                        matrix,
+                        labels,
+                        probabilities,
+                        request_ids(layout.ds, stem, positions),
+                        spec=spec,
+                        model=model,
+                        timestamp=timestamp,
                     )
-                    _append(writers, "predictions", output_path, table)
-                    log_key = layout.log_key(model.name, scored_at, stem, chunk_index)
-                    storage.put_bytes(client, storage.S3Location(layout.lake_bucket, log_key), _parquet_bytes(table))
-                    log_keys.append(log_key)
-                    counts["rows_scored"] += len(valid)
+                    log_keys.append(layout.log_key(model.name, scored_at, stem, chunk_index))
+                    output_keys.append(layout.output_key(stem, chunk_index))
+                    writer.submit(table, log_keys[-1], output_keys[-1])
+                    counts["rows_scored"] += len(matrix)
                     counts["chunks"] += 1
                     for label, count in zip(*np.unique(labels, return_counts=True), strict=True):
                         label_counts[str(label)] = label_counts.get(str(label), 0) + int(count)
                 local.unlink()
         finally:
-            for writer in writers.values():
-                writer.close()
-        outputs = {"predictions_uri": None, "rejected_uri": None}
-        for name, path, location in (
-            ("predictions_uri", output_path, layout.predictions),
-            ("rejected_uri", rejected_path, layout.rejected),
-        ):
-            if path.exists():
-                with storage.reachable(client):
-                    client.upload_file(str(path), location.bucket, location.key)
-                outputs[name] = location.uri
-            elif storage.exists(client, location):
-                with storage.reachable(client):
-                    client.delete_object(Bucket=location.bucket, Key=location.key)
+            writer.close()
+            if rejected_writer is not None:
+                rejected_writer.close()
+        rejected_uri = None
+        if rejected_writer is not None:
+            with storage.reachable(client):
+                client.upload_file(str(rejected_path), layout.rejected.bucket, layout.rejected.key)
+            rejected_uri = layout.rejected.uri
     if counts["rows_rejected"]:
         log.warning(
             "%d of %d backlog rows rejected (see %s)", counts["rows_rejected"], counts["rows_read"], layout.rejected.uri
@@ -470,19 +568,23 @@ def score_backlog(
         "backlog_uris": [f"s3://{layout.backlog.bucket}/{k}" for k in keys],
         **counts,
         "labels": label_counts,
-        **outputs,
+        "predictions_uri": layout.predictions_dir.uri + "/",
+        "rejected_uri": rejected_uri,
+        "output_keys": output_keys,
         "prediction_log_keys": log_keys,
         "chunk_rows": config.chunk_rows,
     }
     manifest["manifest_uri"] = storage.put_json(client, layout.manifest, manifest)
-    stale = sorted(set(previous) - set(log_keys))
+    stale = sorted(set(previous) - set(log_keys) - set(output_keys))
+    if rejected_uri is None:
+        stale += [layout.rejected.key] if storage.exists(client, layout.rejected) else []
     for start in range(0, len(stale), 1000):
         with storage.reachable(client):
             client.delete_objects(
                 Bucket=layout.lake_bucket, Delete={"Objects": [{"Key": k} for k in stale[start : start + 1000]]}
             )
     log.info(
-        "batch scoring %s ds=%s with %s v%s: %d scored, %d rejected, %d chunks, %d stale log objects removed",
+        "batch scoring %s ds=%s with %s v%s: %d scored, %d rejected, %d chunks, %d stale objects removed",
         spec.name,
         layout.ds,
         model.name,
@@ -496,17 +598,20 @@ def score_backlog(
 
 
 def _previous_manifest(client: Any, layout: BatchLayout) -> list[str]:
+    """The keys the previous run of this day wrote (to delete those this run does not rewrite)."""
     if not storage.exists(client, layout.manifest):
         return []
-    return list(storage.get_json(client, layout.manifest).get("prediction_log_keys", []))
+    previous = storage.get_json(client, layout.manifest)
+    return [*previous.get("prediction_log_keys", []), *previous.get("output_keys", [])]
 
 
-def _append(writers: dict[str, Any], name: str, path: Path, table: pa.Table) -> None:
+_CONSTANT_COLUMNS = ["timestamp", "model_name", "model_version", "source"]
+
+
+def _parquet_writer(path: Path, schema: pa.Schema) -> Any:
     import pyarrow.parquet as pq
 
-    if name not in writers:
-        writers[name] = pq.ParquetWriter(path, table.schema, compression="zstd")
-    writers[name].write_table(table)
+    return pq.ParquetWriter(path, schema, compression="zstd")
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -514,16 +619,26 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    # Dictionaries only where values repeat: on the small-integer features they cost time for nothing.
+    pq.write_table(table, sink, compression="zstd", use_dictionary=_CONSTANT_COLUMNS)
     return sink.getvalue().to_pybytes()
 
 
-def _rejected_table(matrix: np.ndarray, ids: np.ndarray, reasons: np.ndarray, spec: DatasetSpec) -> pa.Table:
+def _rejected_table(matrix: np.ndarray, ids: pa.Array, reasons: np.ndarray, spec: DatasetSpec) -> pa.Table:
     import pyarrow as pa
 
-    columns = {"request_id": pa.array(ids.tolist(), type=pa.string()), "reason": pa.array(reasons.tolist())}
+    columns = {"request_id": ids, "reason": pa.array(reasons.tolist(), type=pa.string())}
     columns.update({c.name: pa.array(matrix[:, i]) for i, c in enumerate(spec.features)})
     return pa.table(columns)
+
+
+def read_scores(client: Any, manifest: dict[str, Any], columns: list[str] | None = None) -> pd.DataFrame:
+    """A scored day's predictions in backlog order (the parts its manifest lists)."""
+    import pandas as pd
+
+    bucket = storage.parse_s3_uri(manifest["predictions_uri"]).bucket
+    parts = [storage.read_parquet(client, storage.S3Location(bucket, key), columns) for key in manifest["output_keys"]]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
 def run_batch_scoring(
