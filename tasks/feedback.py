@@ -440,6 +440,13 @@ def join_labels(predictions: pd.DataFrame, labels: pd.DataFrame, counts: JoinCou
     return joined
 
 
+def _moment(value: dt.datetime | str) -> dt.datetime:
+    moment = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        raise FeedbackError(f"{value!r} has no time zone; give UTC times (e.g. 2026-03-10T00:00:00+00:00)")
+    return moment
+
+
 @dataclass
 class LabelledWindow:
     """The labelled predictions of a window and what the join counted."""
@@ -456,8 +463,8 @@ def labelled_window(
     spec: DatasetSpec,
     model_name: str,
     feedback_days: list[str],
-    predictions_from: dt.datetime,
-    predictions_to: dt.datetime,
+    predictions_from: dt.datetime | str,
+    predictions_to: dt.datetime | str,
     with_features: bool = False,
     log_prefix: str = PREDICTION_LOG_PREFIX,
 ) -> LabelledWindow:
@@ -470,8 +477,9 @@ def labelled_window(
         spec: The dataset.
         model_name: Registered model whose predictions are labelled.
         feedback_days: Arrival days of the labels to use (``ds`` partitions).
-        predictions_from: Oldest prediction-log hour a label may refer to (late labels).
-        predictions_to: End of the prediction-log window (exclusive).
+        predictions_from: Oldest prediction-log hour a label may refer to (late labels); a
+            datetime or its ISO string (as in a run's conf).
+        predictions_to: End of the prediction-log window (exclusive), datetime or ISO string.
         with_features: Keep the features too (for a training frame).
         log_prefix: Key prefix of the prediction log.
 
@@ -480,9 +488,8 @@ def labelled_window(
     """
     counts = JoinCounts()
     labels = latest_labels(read_feedback(client, raw_bucket, spec, feedback_days, counts), counts)
-    keys = (
-        log_keys(client, lake_bucket, model_name, predictions_from, predictions_to, log_prefix) if len(labels) else []
-    )
+    start, end = _moment(predictions_from), _moment(predictions_to)
+    keys = log_keys(client, lake_bucket, model_name, start, end, log_prefix) if len(labels) else []
     predictions = read_predictions(
         client,
         lake_bucket,
@@ -555,14 +562,15 @@ def feedback_training_frame(
     spec: DatasetSpec,
     model_name: str,
     feedback_days: list[str],
-    predictions_from: dt.datetime,
-    predictions_to: dt.datetime,
+    predictions_from: dt.datetime | str,
+    predictions_to: dt.datetime | str,
     log_prefix: str = PREDICTION_LOG_PREFIX,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The labelled feedback window as a training frame, with its lineage (see ``training_frame``).
 
     The transform step of a quality-triggered run concatenates it with the newest labelled
-    drop; the training run logs the lineage (feedback partitions and row counts).
+    drop; the training run logs the lineage (feedback partitions and row counts). The
+    keyword arguments after ``spec`` are exactly ``tasks.quality.retrain_conf``'s ``feedback``.
     """
     window = labelled_window(
         client,

@@ -570,6 +570,35 @@ def performance_signal(
     )
 
 
+def retrain_conf(summary: dict[str, Any], signal: PerformanceSignal) -> dict[str, Any]:
+    """The quality part of a triggered training run's ``conf``: why, and which feedback to learn from.
+
+    Returns:
+        ``reason`` (one line), ``quality`` (metric, before, after, labelled rows, champion
+        version, streak, report) and ``feedback`` (the arguments of
+        ``tasks.feedback.feedback_training_frame``: model, feedback days, prediction window).
+    """
+    window = summary["window"]
+    return {
+        "reason": signal.reason,
+        "quality": {
+            "metric": signal.metric,
+            "before": signal.before,
+            "after": signal.after,
+            "labelled_rows": signal.labelled_rows,
+            "streak": signal.streak,
+            "champion_version": summary["champion_version"],
+            "report_uri": summary.get("report_uri"),
+        },
+        "feedback": {
+            "model_name": summary["model_name"],
+            "feedback_days": list(window["feedback_days"]),
+            "predictions_from": window["predictions_from"],
+            "predictions_to": window["end"],
+        },
+    }
+
+
 # --- the monitoring store ----------------------------------------------------------------------
 
 QUALITY_CHECK_FIELDS = (

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_score, recall_score, roc_auc_score
 
-from tasks import quality, storage
+from tasks import feedback, quality, storage
 from tasks.dataset_spec import PROJECT_ROOT, DatasetSpec
 from tasks.feedback import TRUE_LABEL, JoinCounts
 from tasks.quality import QualityConfig, compare, performance_signal
@@ -418,6 +418,18 @@ def test_a_whole_check_finds_the_drop_and_writes_its_outputs(
     assert b"<html" in html[:2000].lower()
     stored = storage.get_json(buckets, storage.parse_s3_uri(uris["summary_uri"]))
     assert stored["report_uri"] == uris["report_uri"] and stored["comparison"] == summary["comparison"]
+    # The signal and the conf of the training run it would start; the conf's feedback part is
+    # what the triggered run's transform step passes on to build its feedback rows.
+    signal = performance_signal(summary, [], consecutive_checks=1)
+    assert signal.detected and signal.before == HOLDOUT["roc_auc"] and signal.labelled_rows == 600
+    conf = json.loads(json.dumps(quality.retrain_conf(summary, signal)))
+    assert conf["reason"].startswith("quality: v2 degraded on 600 labelled rows: ")
+    assert conf["quality"]["report_uri"] == uris["report_uri"]
+    frame, lineage = feedback.feedback_training_frame(
+        buckets, raw_bucket=RAW, lake_bucket=LAKE, spec=network_spec, **conf["feedback"]
+    )
+    assert len(frame) == 600 and lineage["training_rows"] == 600
+    assert lineage["feedback_partitions"] == [f"s3://{RAW}/network_data_feedback/ds={day}/"]
     experiment_id, run_id = quality.log_monitoring_run(registry, "monitoring", check, {"airflow_dag_run_id": "manual"})
     from mlflow import MlflowClient
 
