@@ -82,6 +82,32 @@ class ColumnSpec:
 
 
 @dataclass(frozen=True)
+class FeedbackSpec:
+    """The delayed ground truth of a dataset: one drop of labels per day, joined to predictions by request id.
+
+    Files land at ``s3://<raw>/<prefix>/ds=YYYY-MM-DD/*.csv`` (``ds`` = the day the labels
+    arrived); each row says which served prediction it labels, its true label and when it
+    was labelled.
+
+    Attributes:
+        prefix: Key prefix of the feedback drops in the raw bucket.
+        label_column: Column holding the true label (one of the target's allowed values);
+            the target's name unless the spec says otherwise.
+        request_id_column: Column holding the request id the server answered with.
+        labelled_at_column: Column holding when the label was given (ISO 8601; UTC when no offset).
+    """
+
+    prefix: str
+    label_column: str
+    request_id_column: str = "request_id"
+    labelled_at_column: str = "labelled_at"
+
+    @property
+    def column_names(self) -> list[str]:
+        return [self.request_id_column, self.label_column, self.labelled_at_column]
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """A dataset: its features, its label and the bounds its daily drops must respect.
 
@@ -98,6 +124,8 @@ class DatasetSpec:
             low-cardinality features repeat legitimately.
         raw_prefix: Key prefix of the landing zone in the raw bucket.
         limits: Size limits of a drop (see ``IngestLimits``).
+        feedback: Where and in which shape its delayed labels arrive (``feedback:`` in the
+            spec file); None when the dataset receives no feedback.
     """
 
     name: str
@@ -112,6 +140,7 @@ class DatasetSpec:
     raw_prefix: str = ""
     limits: IngestLimits = field(default_factory=IngestLimits)
     source_file: Path | None = field(default=None, compare=False)
+    feedback: FeedbackSpec | None = None
 
     @property
     def columns(self) -> list[ColumnSpec]:
@@ -207,6 +236,35 @@ def _parse_limits(raw: object, where: str) -> IngestLimits:
     return IngestLimits(**raw)
 
 
+def _parse_feedback(raw: object, target: ColumnSpec, names: list[str], where: str) -> FeedbackSpec | None:
+    """The ``feedback:`` section: ``prefix`` is required, the column names default to
+    ``request_id``, the target's name and ``labelled_at``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: 'feedback' is a mapping such as {{prefix: my_dataset_feedback}}")
+    known = {"prefix", "request_id_column", "label_column", "labelled_at_column"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {unknown} in 'feedback'; known: {sorted(known)}")
+    prefix = str(raw.get("prefix") or "").strip("/")
+    if not prefix:
+        raise SpecError(f"{where}: 'feedback' needs a 'prefix' (the key prefix of its drops in the raw bucket)")
+    feedback = FeedbackSpec(
+        prefix=prefix,
+        label_column=str(raw.get("label_column", target.name)),
+        request_id_column=str(raw.get("request_id_column", "request_id")),
+        labelled_at_column=str(raw.get("labelled_at_column", "labelled_at")),
+    )
+    columns = feedback.column_names
+    if len(set(columns)) != len(columns) or not all(columns):
+        raise SpecError(f"{where}: the feedback columns must be three distinct names, got {columns}")
+    clashing = sorted({feedback.request_id_column, feedback.labelled_at_column} & set(names))
+    if clashing:
+        raise SpecError(f"{where}: feedback column(s) {clashing} clash with the dataset's columns; rename them")
+    return feedback
+
+
 def load_spec(name_or_path: str | Path) -> DatasetSpec:
     """Load a dataset spec by name (``include/datasets/<name>.yaml``) or path.
 
@@ -267,6 +325,7 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
         raw_prefix=raw.get("raw_prefix", raw.get("name", path.stem)),
         limits=limits,
         source_file=path,
+        feedback=_parse_feedback(raw.get("feedback"), target, names, where),
     )
 
 

@@ -56,3 +56,34 @@ CREATE TABLE IF NOT EXISTS drift_check (
     checked_at          TEXT NOT NULL,
     PRIMARY KEY (dag_run_id)
 );
+
+-- Model-quality checks: delayed labels joined to the prediction log, one row per check
+-- (tasks/quality.py quality_check_row builds it; latest_quality_checks.sql reads it back).
+CREATE TABLE IF NOT EXISTS quality_check (
+    dag_run_id             TEXT NOT NULL,
+    dataset                TEXT NOT NULL,
+    model_name             TEXT NOT NULL,
+    champion_version       TEXT,
+    window_start           TEXT,               -- ISO 8601, UTC (start of the first feedback day)
+    window_end             TEXT,               -- ISO 8601, UTC (the run's data interval end)
+    feedback_rows          BIGINT,             -- valid feedback rows read (before deduplication)
+    labelled_rows          BIGINT,             -- champion predictions joined with a label
+    duplicate_labels       BIGINT,             -- labels superseded by a later one (latest labelled_at wins)
+    unknown_request_ids    BIGINT,             -- labels matching no prediction in the window (ignored)
+    invalid_feedback_rows  BIGINT,             -- rows without id, with an unknown label or a bad time
+    primary_metric         TEXT,
+    holdout_metric         DOUBLE PRECISION,   -- the champion's test_<primary_metric> from its MLflow run
+    live_metric            DOUBLE PRECISION,
+    accuracy               DOUBLE PRECISION,   -- live, the champion's
+    precision              DOUBLE PRECISION,
+    recall                 DOUBLE PRECISION,
+    roc_auc                DOUBLE PRECISION,
+    degraded               INTEGER NOT NULL,   -- 0 | 1
+    decision               TEXT NOT NULL,      -- retrain | no_degradation | degradation_pending | training_active | cooldown | skipped | no_labelled_data
+    reason                 TEXT NOT NULL,
+    metrics_json           TEXT NOT NULL,      -- per version: rows, metrics, comparison with the holdout
+    report_uri             TEXT,
+    triggered_run_id       TEXT,
+    checked_at             TEXT NOT NULL,
+    PRIMARY KEY (dag_run_id)
+);

@@ -63,14 +63,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pa
     folder = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
+    # The tracking URI names the registry too. No set_registry_uri: it also exports
+    # MLFLOW_REGISTRY_URI, which would outlive this module and send later tests here.
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("model-io", artifact_location=(folder / "a").as_uri()))
     try:
         yield uri, folder
     finally:
         mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous)
 
 
 def fitted_pipeline(spec_name: str = "network_security") -> tuple[Pipeline, Any]:
