@@ -37,6 +37,16 @@ class NothingReleased(RuntimeError):
     """The run failed before a release was resolved: nothing was deployed, nothing to roll back."""
 
 
+def require_release(release: Mapping[str, Any] | None) -> None:
+    """Raise :class:`NothingReleased` when no release was resolved (the run failed before the deploy).
+
+    ``one_failed`` also fires on upstream_failed: a run that failed before the deploy (a rejected
+    drop, a refused plan) reaches the rollback with nothing released. Its own failure stands.
+    """
+    if release is None:
+        raise NothingReleased("no release was resolved, so nothing was deployed and nothing is rolled back")
+
+
 def require_target(plan: RunPlan, target: str) -> None:
     """Raise :class:`TargetNotSelected` unless ``target`` is one of the plan's deploy targets."""
     if target not in plan.deploy_targets:
@@ -225,10 +235,7 @@ def roll_back(
         registry.NothingToRollBack: No ``previous_champion`` (a first release); logged as
             ``rollback_failed`` for every target first.
     """
-    if release is None:
-        # one_failed also fires on upstream_failed: a run that failed before the deploy (a
-        # rejected drop, say) reaches here with nothing released. Its own failure stands.
-        raise NothingReleased("no release was resolved, so nothing was deployed and nothing is rolled back")
+    require_release(release)
     failed = f"deploy of {release['model_name']} v{release['model_version']} failed"
     now = monitoring_store.now()
 

@@ -145,8 +145,10 @@ def deploy_group(plan: Any, *, rollback_on_failure: bool = True, ssm_waiter_dela
             @task(task_id="rollback", trigger_rule=TriggerRule.ONE_FAILED)
             def rollback(plan: dict, run_id=None, ti=None) -> dict:
                 """Only after a failure: champion back to previous_champion on every target (the run still fails)."""
-                run = runtime.run_plan(plan)
                 release, fleet = (ti.xcom_pull(task_ids=f"{GROUP_ID}.{t}") for t in ("resolve_release", "ec2_fleet"))
+                with runtime.failures():
+                    delivery.require_release(release)  # before the plan: the run may have failed making it
+                run = runtime.run_plan(plan)
                 with runtime.failures(run):
                     server, api_key = _local_server(run) if "local" in run.deploy_targets else (None, None)
                     return delivery.roll_back(
