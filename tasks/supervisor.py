@@ -9,7 +9,9 @@ to repeat:
   Airflow task processes that take process groups of their own) go with it;
 * ``start`` twice: the second call sees the service healthy and leaves it alone;
 * ``stop`` twice: the second call has nothing to stop;
-* a stale pid file (dead process, or a pid reused by a program that is not ours) is removed;
+* a stale pid file (dead process, or a pid reused by a program that is not ours) is removed: the
+  file records the process's start time next to its pid, so a reused pid never matches (and a
+  process that rewrote its environment with its title, as Airflow's do, is still recognised);
 * a port held by *our own* earlier process (it carries the owner id in its environment) is
   adopted; a port held by anything else fails with a message naming the process and the
   variable that moves the port.
@@ -158,16 +160,29 @@ class Supervisor:
                     return True
         return False
 
+    def write_pid(self, service: Service, pid: int) -> None:
+        """``<pid> <start time>``: the start time tells this process from a later one given the same pid."""
+        self.pid_file(service).write_text(f"{pid} {psutil.Process(pid).create_time():.2f}\n")
+
     def pid(self, service: Service) -> int | None:
-        """The service's pid when its pid file names a live process of ours; a stale file is removed."""
+        """The service's pid when its pid file names a live process of ours; a stale file is removed.
+
+        Ours: the process started at the time the file records, or (a file with a pid only, written
+        by hand or by an older version) it carries our owner id (see :meth:`is_ours`).
+        """
         path = self.pid_file(service)
         try:
-            pid = int(path.read_text().strip())
-        except (OSError, ValueError):
+            fields = path.read_text().split()
+            pid = int(fields[0])
+            started = float(fields[1]) if len(fields) > 1 else None
+        except (OSError, ValueError, IndexError):
             path.unlink(missing_ok=True)
             return None
         try:
-            ours = alive(pid) and self.is_ours(psutil.Process(pid))
+            process = psutil.Process(pid)
+            ours = alive(pid) and (
+                abs(process.create_time() - started) < 0.05 if started is not None else self.is_ours(process)
+            )
         except psutil.NoSuchProcess:
             ours = False
         if not ours:
@@ -207,7 +222,7 @@ class Supervisor:
                     f"({' '.join(holder.cmdline()[:4])}); stop it or choose another port, e.g. {hint}"
                 )
             root = os.getsid(holder.pid) if alive(os.getsid(holder.pid)) else holder.pid
-            self.pid_file(service).write_text(str(root))
+            self.write_pid(service, root)
             self._wait_healthy(service)
             return f"adopted our earlier process (pid {root}){service.where()}"
         if pid is not None:  # ours, alive, not healthy and not listening: start it again
@@ -227,7 +242,7 @@ class Supervisor:
                 cwd=service.cwd or self.cwd,
                 start_new_session=True,
             )
-        self.pid_file(service).write_text(str(process.pid))
+        self.write_pid(service, process.pid)
         self._wait_healthy(service, process)
         return f"started (pid {process.pid}){service.where()}"
 

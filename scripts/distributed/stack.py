@@ -81,16 +81,16 @@ def api_health(config: Config, timeout: float = 3.0) -> dict[str, Any] | None:
 def _job_healthy(config: Config, component: str, service_name: str) -> bool:
     """Healthy in the api-server's view, with a heartbeat from the process we started (not an earlier one)."""
     health = api_health(config)
-    pid_file = config.paths.pids / f"{service_name}.pid"
-    if not health or not health.get(component) or not pid_file.exists():
+    pid = config.paths.supervisor().pid(Service(name=service_name, command=[]))
+    if not health or not health.get(component) or pid is None:
         return False
     info = health[component]
     heartbeat = info.get(f"latest_{component}_heartbeat")
     if info.get("status") != "healthy" or not heartbeat:
         return False
     try:
-        started = psutil.Process(int(pid_file.read_text().strip())).create_time()
-    except (psutil.NoSuchProcess, ValueError):
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
         return False
     return dt.datetime.fromisoformat(heartbeat).timestamp() >= started - 1
 

@@ -149,3 +149,32 @@ def test_a_service_that_never_gets_healthy_times_out_naming_its_log(supervisor):
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_service_that_rewrites_its_environment_with_its_title_is_still_stopped(supervisor):
+    """Airflow's processes call setproctitle, which can overwrite /proc/<pid>/environ (the owner id
+    with it): the pid file's start time still says the process is ours, so stop finds it."""
+    pytest.importorskip("setproctitle")
+    port = free_port()
+    title = "import setproctitle; setproctitle.setproctitle('airflow api_server -- ' + 'x' * 4000)\n"
+    service = web(port, command=[sys.executable, "-c", title + SERVER, str(port)])
+    supervisor.start(service)
+    pid = supervisor.pid(service)
+    assert pid is not None
+    assert supervisor.stop(service).startswith(f"stopped (pid {pid}")
+    assert not alive(pid)
+
+
+def test_a_pid_file_with_another_start_time_is_stale(supervisor):
+    service = web()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        supervisor.pid_dir.mkdir(parents=True, exist_ok=True)
+        started = psutil.Process(sleeper.pid).create_time()
+        supervisor.pid_file(service).write_text(f"{sleeper.pid} {started - 100:.2f}")  # the pid, reused
+        assert supervisor.pid(service) is None and not supervisor.pid_file(service).exists()
+        supervisor.pid_file(service).write_text(f"{sleeper.pid} {started:.2f}")
+        assert supervisor.pid(service) == sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
