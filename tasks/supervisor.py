@@ -283,15 +283,16 @@ class Supervisor:
         for process in leftovers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.terminate()
-        _, leftovers = psutil.wait_procs(leftovers, timeout=5)
-        for process in leftovers:
+        _, stubborn = psutil.wait_procs(leftovers, timeout=5)
+        for process in stubborn:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-        psutil.wait_procs(leftovers, timeout=5)
+        psutil.wait_procs(stubborn, timeout=5)
         self.pid_file(service).unlink(missing_ok=True)
         seen.update(p.pid for p in leftovers)
-        killed = f", {len(leftovers)} killed" if leftovers else ""
-        return f"stopped (pid {pid}, {len(seen)} process(es){killed})"
+        after = f", {len(leftovers)} outlived it" if leftovers else ""
+        killed = f", {len(stubborn)} killed" if stubborn else ""
+        return f"stopped (pid {pid}, {len(seen)} process(es){after}{killed})"
 
     def kill(self, service: Service) -> int:
         """SIGKILL the whole session at once, as if its machine died; return the pid.
