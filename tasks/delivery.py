@@ -37,6 +37,10 @@ class NothingReleased(RuntimeError):
     """The run failed before a release was resolved: nothing was deployed, nothing to roll back."""
 
 
+class SmokeRecordsMissing(deploy.SmokeTestFailed):
+    """The release's held-out split is gone: retrying will not bring it back."""
+
+
 def require_release(release: Mapping[str, Any] | None) -> None:
     """Raise :class:`NothingReleased` when no release was resolved (the run failed before the deploy).
 
@@ -145,7 +149,14 @@ def smoke_records(test: pd.DataFrame, spec: DatasetSpec, count: int, seed: int =
 def smoke(plan: RunPlan, s3: Any, release: Mapping[str, Any], local: Mapping[str, Any], api_key: str) -> dict:
     """Labelled held-out records against the freshly switched local server (version, answers, accuracy)."""
     config = deploy.load_deploy_config().smoke
-    test = storage.read_parquet(s3, storage.parse_s3_uri(release["test_uri"]))
+    split = storage.parse_s3_uri(release["test_uri"])
+    if not storage.exists(s3, split):
+        raise SmokeRecordsMissing(
+            f"the held-out split of v{release['model_version']} ({split.uri}) is not in S3, so there is "
+            "nothing to smoke-test with; the embedded emulator forgets its buckets when it restarts: "
+            "`make run` publishes, trains and ships again"
+        )
+    test = storage.read_parquet(s3, split)
     records, labels = smoke_records(test, plan.spec, config.records)
     minimum = config.min_accuracy if plan.smoke_min_accuracy is None else plan.smoke_min_accuracy
     return deploy.smoke_test(

@@ -87,7 +87,8 @@ def deploy_group(plan: Any, *, rollback_on_failure: bool = True, ssm_waiter_dela
         def smoke_test(plan: dict, release: dict, local: dict) -> dict:
             """Held-out records against the switched server: version, answers, accuracy."""
             run = runtime.run_plan(plan)
-            return delivery.smoke(run, runtime.s3(run), release, local, _local_server(run)[1])
+            with runtime.failures(run):
+                return delivery.smoke(run, runtime.s3(run), release, local, _local_server(run)[1])
 
         # ``plan`` is pulled, not passed: as a direct upstream its success would satisfy
         # none_failed_min_one_success even when nothing was released (champion kept).

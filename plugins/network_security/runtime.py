@@ -136,7 +136,7 @@ def failures(plan: RunPlan | None = None) -> Iterator[None]:
     """Map the domain errors of ``tasks/`` to Airflow's: fail without retries, or skip."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from tasks.delivery import NothingReleased, TargetNotSelected
+    from tasks.delivery import NothingReleased, SmokeRecordsMissing, TargetNotSelected
     from tasks.drift import DriftError, NotEnoughData
     from tasks.ingest import DataRejected
     from tasks.plan import PlanError
@@ -148,7 +148,7 @@ def failures(plan: RunPlan | None = None) -> Iterator[None]:
         if plan is None:
             raise
         reject(plan, err.reason, "ingest", err.files)
-    except (PlanError, DriftError, NothingToRollBack) as err:
+    except (PlanError, DriftError, NothingToRollBack, SmokeRecordsMissing) as err:
         raise AirflowFailException(str(err)) from err
     except (NotEnoughData, TargetNotSelected, NothingReleased) as err:
         raise AirflowSkipException(str(err)) from err

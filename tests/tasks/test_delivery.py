@@ -132,3 +132,11 @@ def test_a_failed_release_on_the_fleet_is_sent_back_through_ssm(store, monkeypat
     (row,) = store.table("deployment_log")
     assert (row["target"], row["status"], row["model_version"]) == ("ec2", "rolled_back", "6")
     assert command["CommandId"] in row["detail"]
+
+
+def test_a_smoke_test_without_its_held_out_split_says_what_to_do(buckets):
+    from tasks.deploy import SmokeTestFailed
+
+    release = {**RELEASE, "test_uri": "s3://network-security-lake/features/network_security/ds=2026-01-31/test.parquet"}
+    with pytest.raises(SmokeTestFailed, match=r"held-out split of v7 .* is not in S3.*`make run`"):
+        delivery.smoke(plan(), buckets, release, {"url": "http://127.0.0.1:9"}, "key")
