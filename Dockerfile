@@ -14,6 +14,7 @@ WORKDIR /opt/airflow
 # Dependencies first, so a code change does not reinstall them. constraints.txt pins every
 # transitive version of the tested environment; requirements-nodeps.txt holds the packages whose
 # declared metadata conflicts with the pins (see that file), installed without their dependencies.
+# requirements-dev.txt (pytest, moto, ruff, schemathesis, playwright) is not installed here.
 COPY requirements.txt requirements-nodeps.txt constraints.txt ./
 RUN pip install --no-cache-dir -r requirements.txt -c constraints.txt \
     && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt

@@ -10,11 +10,11 @@ export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
-$(STAMP): requirements.txt requirements-nodeps.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	@touch $@
 
@@ -60,9 +60,9 @@ distributed-status: $(STAMP) ## the distributed mode's processes
 	$(PY) -m scripts.distributed status
 
 stack-up: $(STAMP) ## start moto + MLflow, migrate Airflow's DB, apply airflow_settings.yaml, create buckets
-	$(PY) -m scripts.stack up
+	$(PY) -m scripts.bootstrap up
 
-stack-down: $(STAMP) ## stop what stack-up started (by pid file)
+stack-down: $(STAMP) ## stop what stack-up, make airflow and the deploys started (by pid file)
 	$(PY) -m scripts.stack down
 
 stop: stack-down ## alias of stack-down
@@ -97,8 +97,8 @@ suites: $(STAMP) ## regenerate include/expectations/*.json from include/datasets
 
 lock: ## re-resolve requirements and rewrite constraints.txt
 	rm -rf /tmp/ns-lock && $(PYTHON) -m venv /tmp/ns-lock
-	/tmp/ns-lock/bin/pip install --quiet -r requirements.txt && /tmp/ns-lock/bin/pip install --quiet --no-deps -r requirements-nodeps.txt
-	(echo "# pip freeze of a working install of requirements.txt + requirements-nodeps.txt (Python 3.11, Linux x86_64)."; echo "# Regenerate with: make lock"; /tmp/ns-lock/bin/pip freeze) > constraints.txt
+	/tmp/ns-lock/bin/pip install --quiet -r requirements.txt -r requirements-dev.txt && /tmp/ns-lock/bin/pip install --quiet --no-deps -r requirements-nodeps.txt
+	(echo "# pip freeze of a working install of requirements.txt + requirements-dev.txt + requirements-nodeps.txt (Python 3.11, Linux x86_64)."; echo "# Regenerate with: make lock"; /tmp/ns-lock/bin/pip freeze) > constraints.txt
 
 clean-state: stack-down ## stop the stack and delete .state/ (all local data)
 	rm -rf .state

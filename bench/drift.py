@@ -191,7 +191,7 @@ def _work(kind: str, rows: int, endpoint: str, fmt: str) -> dict[str, Any]:
     started = time.perf_counter()
     reference = storage.read_parquet(client, storage.S3Location(BUCKET, _reference_key()))
     if kind == "project":
-        window, read = drift.read_window(client, BUCKET, PREFIX, _partitions(), spec, MODEL)
+        window, read, _ = drift.read_window(client, BUCKET, PREFIX, _partitions(), spec, MODEL)
         evaluated = drift.sample(window, SAMPLE_CAP, seed=0)
         current = drift.to_frame(evaluated, spec)
         del window

@@ -19,17 +19,16 @@ and says where.
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pendulum
-from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.sdk import Param, chain, dag, task
 
-from network_security import alerts, runtime
+from network_security import runtime
+from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store
 from network_security.delivery import deploy_group
-from tasks.config import DEPLOY_DAG_ID, Settings, task_retry_delay
-
-INCLUDE = Path(__file__).resolve().parent.parent / "include"
+from tasks import delivery
+from tasks.config import DEPLOY_DAG_ID
+from tasks.plan import plan_release
 
 
 @dag(
@@ -39,13 +38,7 @@ INCLUDE = Path(__file__).resolve().parent.parent / "include"
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    default_args={
-        "owner": "ml-platform",
-        "retries": 2,
-        "on_failure_callback": alerts.on_task_failure,
-        "retry_delay": timedelta(seconds=task_retry_delay()),
-        "execution_timeout": timedelta(minutes=30),
-    },
+    default_args=default_args(execution_timeout=timedelta(minutes=30)),
     tags=["network-security", "deploy", "mlops"],
     template_searchpath=[str(INCLUDE)],
     params={
@@ -59,26 +52,16 @@ def network_security_deploy():
     @task
     def plan_run(ds=None, params=None, dag_run=None) -> dict:
         """Resolve the model, targets and connections; refuse a rollback without a reason."""
-        if params.get("action") == "rollback" and not (params.get("reason") or "").strip():
-            raise ValueError("a rollback needs a reason (param `reason`): it is kept on the demoted model version")
-        return runtime.plan_run(ds, {"dataset": params.get("dataset")}, dag_run.run_type)
-
-    plan = plan_run()
-
-    ensure_monitoring_store = SQLExecuteQueryOperator(
-        task_id="ensure_monitoring_store",
-        doc_md="Creates the promotion and deployment logs of the monitoring store if they do not exist.",
-        conn_id=Settings().monitoring_conn_id,
-        sql="sql/monitoring_store.sql",
-        split_statements=True,
-    )
+        return runtime.plan(plan_release, params, ds, dag_run.run_type)
 
     @task
-    def choose_release(plan: dict, params=None, run_id=None) -> dict:
+    def choose_release(plan: dict, run_id=None) -> dict:
         """For a rollback, move champion back to previous_champion; then the champion is the release."""
-        return runtime.choose_release(plan, params["action"], params.get("reason"), run_id)
+        with runtime.failures():
+            return delivery.choose_release(runtime.run_plan(plan), run_id)
 
-    chain(plan, ensure_monitoring_store, choose_release(plan), deploy_group(plan, rollback_on_failure=False))
+    plan = plan_run()
+    chain(plan, ensure_monitoring_store(), choose_release(plan), deploy_group(plan, rollback_on_failure=False))
 
 
 network_security_deploy()

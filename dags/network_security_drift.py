@@ -10,10 +10,10 @@ feature and one on the predicted probability.
 | step | what it does | output (XCom) |
 | --- | --- | --- |
 | `plan_check` | settings, `include/drift.yaml` (run params override it), the window from the data interval | plan |
-| `ensure_monitoring_store` | creates the monitoring tables (`include/sql/monitoring_store.sql`) if missing | |
-| `check_drift` | reads the window column-projected (sampled above `sample_cap` rows), finds the champion's snapshot through its MLflow run, runs Evidently; `report.html` + `metrics.json` to `s3://<lake>/drift/<dataset>/<run>/` and a run in the `network_security_monitoring` experiment. Too few rows: **skipped** with the reason. No champion: fails with what to do | summary |
-| `decide_retraining` | retrain when a PSI >= threshold in `consecutive_checks` checks in a row, unless a training run is queued or running or the cooldown after the last drift-triggered retrain is on; records the check in `drift_check` | decision |
-| `trigger_retraining` | `TriggerDagRunOperator` on `network_security_training` with `conf` = reason, report URI, max PSI, drifted features, the newest labelled `ds`; run id `drift__<dataset>__<window end>`, so a retried trigger creates nothing | |
+| `ensure_monitoring_store` | creates the monitoring tables (`include/sql/monitoring_store.sql`) if missing, on the plan's connection | |
+| `check_drift` | reads the window column-projected (sampled above `sample_cap` rows) from `predictions/<model>/dt=.../HH/` and the legacy `predictions/dt=.../HH/` (an unreadable object is skipped and counted), finds the champion's snapshot through its MLflow run, runs Evidently; `report.html` + `metrics.json` to `s3://<lake>/drift/<dataset>/<run>/` and a run in the `network_security_monitoring` experiment. Too few rows: **skipped** with the reason. No champion: fails with what to do | summary |
+| `decide_retraining` | the retrain rule (`tasks/retrain.py`): retrain when a PSI >= threshold in `consecutive_checks` checks in a row, unless a training run is queued or running or the cooldown after the last triggered retrain is on; records the check in `drift_check` and a triggered retrain in `retrain_log` | decision |
+| `trigger_retraining` | `TriggerDagRunOperator` on `network_security_training` with `conf` = reason, signals, report URI, max PSI, drifted features, the newest labelled `ds`; run id `drift__<dataset>__<window end>`, so a retried trigger creates nothing | |
 | `no_retraining` | logs why not | |
 
 **Trigger**: hourly by schedule (`NS_SCHEDULE_NETWORK_SECURITY_DRIFT`: a cron, a preset such as
@@ -24,18 +24,18 @@ feature and one on the predicted probability.
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pendulum
-from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, chain, dag, task
 
-from network_security import alerts, monitoring
+from network_security import alerts, runtime
+from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store
 from network_security.links import EvidentlyReportLink, MLflowRunLink, with_links
-from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings, dag_schedule, task_retry_delay
+from tasks import drift
+from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, dag_schedule
+from tasks.plan import plan_check
 
-INCLUDE = Path(__file__).resolve().parent.parent / "include"
 RETRAIN_RUN_ID = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['retrain']['run_id'] }}"
 RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['retrain']['conf'] }}"
 
@@ -47,13 +47,7 @@ RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['r
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    default_args={
-        "owner": "ml-platform",
-        "retries": 2,
-        "on_failure_callback": alerts.on_task_failure,
-        "retry_delay": timedelta(seconds=task_retry_delay()),
-        "execution_timeout": timedelta(minutes=30),
-    },
+    default_args=default_args(execution_timeout=timedelta(minutes=30)),
     tags=["network-security", "monitoring", "drift", "mlops"],
     template_searchpath=[str(INCLUDE)],
     params={
@@ -69,38 +63,34 @@ RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['r
             None,
             type=["null", "integer"],
             minimum=0,
-            description="Quiet time after a drift-triggered retrain (360); 0 lifts it for this run",
+            description="Quiet time after a triggered retrain (360); 0 lifts it for this run",
         ),
     },
     render_template_as_native_obj=True,
 )
 def network_security_drift():
-    @task
-    def plan_check(params=None, data_interval_end=None, dag_run=None) -> dict:
+    @task(task_id="plan_check")
+    def plan_check_task(params=None, data_interval_end=None, dag_run=None) -> dict:
         """Settings, drift configuration and the window of this check."""
-        return monitoring.plan_check(params, data_interval_end, dag_run.run_type)
+        return runtime.plan(plan_check, params, data_interval_end, dag_run.run_type, config=drift.load_drift_config())
 
-    plan = plan_check()
-
-    ensure_monitoring_store = SQLExecuteQueryOperator(
-        task_id="ensure_monitoring_store",
-        doc_md="Creates the drift-check, promotion and deployment tables of the monitoring store if missing.",
-        conn_id=Settings().monitoring_conn_id,
-        sql="sql/monitoring_store.sql",
-        split_statements=True,
-    )
+    plan = plan_check_task()
 
     @task
     def check_drift(plan: dict, run_id=None) -> dict:
         """Evidently PSI of the window against the champion's training data; report to S3 and MLflow."""
-        return monitoring.check_drift(plan, run_id)
+        check = runtime.check_plan(plan)
+        with runtime.failures():
+            return drift.run_check(runtime.s3(check), runtime.store(check), check, run_id)
 
     @task.branch(task_id="decide_retraining")
     def decide_retraining(plan: dict, summary: dict, run_id=None, ti=None) -> str:
         """Retrain rule and storm protection; records the check."""
-        decision = monitoring.decide(plan, summary, run_id, monitoring.active_training_runs(ti))
-        ti.xcom_push(key="decision", value=decision)
-        return "trigger_retraining" if decision["trigger"] else "no_retraining"
+        check = runtime.check_plan(plan)
+        active = runtime.active_training_runs(ti)
+        decision = drift.decide_retraining(runtime.s3(check), runtime.store(check), check, summary, run_id, active)
+        ti.xcom_push(key="decision", value=decision.as_dict())
+        return "trigger_retraining" if decision.trigger else "no_retraining"
 
     trigger_retraining = TriggerDagRunOperator(
         task_id="trigger_retraining",
@@ -120,7 +110,7 @@ def network_security_drift():
         return {"outcome": decision["outcome"], "reason": decision["reason"]}
 
     summary = with_links(check_drift(plan), EvidentlyReportLink(), MLflowRunLink())
-    chain(plan, ensure_monitoring_store, summary)
+    chain(plan, ensure_monitoring_store("plan_check"), summary)
     chain(summary, decide_retraining(plan, summary), [trigger_retraining, no_retraining()])
 
 

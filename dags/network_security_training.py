@@ -9,8 +9,8 @@ gate against the current champion.
 | step | what it does | output (XCom) |
 | --- | --- | --- |
 | `plan_run` | resolves dataset, day, window, buckets, MLflow and the trigger from the `network_security_config` Variable and the run's params | plan |
-| `ensure_monitoring_store` | creates the promotion log table (`include/sql/monitoring_store.sql`) if missing | |
-| `wait_for_drop` | `S3KeySensor` on `s3://<raw>/<raw_prefix>/ds=<ds>/*.csv` (deferrable when `[operators] default_deferrable` is on) | |
+| `ensure_monitoring_store` | creates the monitoring store's tables (`include/sql/monitoring_store.sql`) if missing, on the plan's connection | |
+| `wait_for_drop` | `S3KeySensor` on `s3://<raw>/<raw_prefix>/ds=<ds>/*.csv`: deferred to the triggerer when `[operators] default_deferrable` is on, else in reschedule mode (no worker slot held between pokes) | |
 | `ingest` | reads every CSV of the day, coerces dtypes, counts duplicates, writes `snapshots/<dataset>/ds=<ds>/data.parquet` + manifest with the content hash | snapshot URI + hash |
 | `validate` | the dataset's GX suite (`include/expectations/`) via the GX provider; result JSON + report to `validation/`; on failure the drop is copied to `quarantine/` with the reason and the run stops | result URI |
 | `transform` | stratified split (fixed seed) of the last `window_days` snapshots, preprocessing fitted on train only, written to `features/<dataset>/ds=<ds>/` | feature URIs |
@@ -35,21 +35,21 @@ Which targets a champion ships to is the `deploy_targets` setting (`local,ec2`).
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
-from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.sdk import Param, chain, dag, task
 
-from network_security import alerts, assets, runtime
+from network_security import assets, runtime
+from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store, from_plan
 from network_security.delivery import deploy_group
 from network_security.links import MLflowRunLink, with_links
 from network_security.operators import SnapshotValidationOperator
-from tasks.config import AWS_CONN_ID, TRAINING_DAG_ID, Settings, dag_schedule, task_retry_delay
+from tasks import pipeline
+from tasks.config import TRAINING_DAG_ID, dag_schedule
+from tasks.plan import plan_run
 
-INCLUDE = Path(__file__).resolve().parent.parent / "include"
-MONITORING_CONN_ID = Settings().monitoring_conn_id
+SENSOR_TIMEOUT = timedelta(hours=12)
 
 
 @dag(
@@ -59,13 +59,7 @@ MONITORING_CONN_ID = Settings().monitoring_conn_id
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    default_args={
-        "owner": "ml-platform",
-        "retries": 2,
-        "on_failure_callback": alerts.on_task_failure,
-        "retry_delay": timedelta(seconds=task_retry_delay()),
-        "execution_timeout": timedelta(hours=1),
-    },
+    default_args=default_args(execution_timeout=timedelta(hours=1)),
     tags=["network-security", "training", "mlops"],
     template_searchpath=[str(INCLUDE)],
     params={
@@ -75,6 +69,7 @@ MONITORING_CONN_ID = Settings().monitoring_conn_id
         "dataset": Param(None, type=["null", "string"], description="Dataset spec name; default: the Variable's"),
         "window_days": Param(1, type="integer", minimum=1, maximum=90, description="Train on the last N days"),
         "reason": Param(None, type=["null", "string"], description="Why this run was triggered (drift, operator)"),
+        "signals": Param([], type="array", description="Retrain signals that triggered this run (drift, ...)"),
         "drift_report_uri": Param(None, type=["null", "string"], description="Evidently report behind a drift run"),
         "max_psi": Param(None, type=["null", "number"], description="Largest PSI seen by the drift check"),
         "drifted_features": Param([], type="array", description="Features past the PSI threshold"),
@@ -93,43 +88,34 @@ MONITORING_CONN_ID = Settings().monitoring_conn_id
     render_template_as_native_obj=True,
 )
 def network_security_training():
-    @task
-    def plan_run(ds=None, params=None, dag_run=None) -> dict:
+    @task(task_id="plan_run")
+    def plan_run_task(ds=None, params=None, dag_run=None) -> dict:
         """Resolve dataset, day, window, buckets, MLflow and trigger for this run."""
-        return runtime.plan_run(ds, params, dag_run.run_type)
+        return runtime.plan(plan_run, params, ds, dag_run.run_type)
 
-    plan = plan_run()
+    plan = plan_run_task()
 
-    ensure_monitoring_store = SQLExecuteQueryOperator(
-        task_id="ensure_monitoring_store",
-        doc_md="Creates the promotion log of the monitoring store if it does not exist.",
-        conn_id=MONITORING_CONN_ID,
-        sql="sql/monitoring_store.sql",
-        split_statements=True,
-    )
-
+    # Reschedule mode where nothing defers (dag.test, no triggerer): no worker slot is held
+    # between pokes, and the 1 h execution_timeout bounds one poke, not the 12 h wait.
     wait_for_drop = S3KeySensor(
         task_id="wait_for_drop",
         doc_md="Waits for at least one CSV of the day in the landing zone.",
-        aws_conn_id=AWS_CONN_ID,
-        bucket_name="{{ ti.xcom_pull(task_ids='plan_run')['raw_bucket'] }}",
-        bucket_key="{{ ti.xcom_pull(task_ids='plan_run')['raw_key_pattern'] }}",
+        aws_conn_id=from_plan("settings", "aws_conn_id"),
+        bucket_name=from_plan("settings", "raw_bucket"),
+        bucket_key=from_plan("raw_key_pattern"),
         wildcard_match=True,
+        mode="reschedule",
         poke_interval=60,
-        timeout=timedelta(hours=12).total_seconds(),
+        timeout=SENSOR_TIMEOUT.total_seconds(),
     )
 
     @task(inlets=[assets.RAW_DROPS], outlets=[assets.SNAPSHOTS])
     def ingest(plan: dict, outlet_events=None) -> dict:
         """Read the day's CSV files into one immutable parquet snapshot (an asset event per day)."""
-        snapshot = runtime.ingest(plan)
-        outlet_events[assets.SNAPSHOTS].extra = {
-            "dataset": plan["dataset"],
-            "ds": plan["ds"],
-            "uri": snapshot["snapshot_uri"],
-            "content_hash": snapshot["content_hash"],
-            "rows": snapshot["rows"],
-        }
+        run = runtime.run_plan(plan)
+        with runtime.failures(run):
+            snapshot = pipeline.ingest(run, runtime.s3(run))
+        outlet_events[assets.SNAPSHOTS].extra = pipeline.snapshot_event(run, snapshot)
         return snapshot
 
     validate = SnapshotValidationOperator(
@@ -140,17 +126,21 @@ def network_security_training():
     @task
     def transform(plan: dict) -> dict:
         """Stratified split and preprocessing fitted on the train split only."""
-        return runtime.transform(plan)
+        run = runtime.run_plan(plan)
+        return pipeline.transform(run, runtime.s3(run))
 
     @task(pool="training")
     def train(plan: dict, features: dict, validation_uri: str, dag=None, run_id=None) -> dict:
         """Cross-validate the candidates in MLflow and register the best as challenger."""
-        return runtime.train(plan, features, validation_uri, dag.dag_id, run_id)
+        run = runtime.run_plan(plan)
+        return pipeline.train(run, runtime.s3(run), features, validation_uri, dag.dag_id, run_id)
 
     @task
     def evaluate(plan: dict, features: dict, training: dict, validation_uri: str) -> dict:
         """Score challenger and champion on the same holdout; log metrics, plots and model card."""
-        return runtime.evaluate(plan, features, training, validation_uri)
+        run = runtime.run_plan(plan)
+        with runtime.failures(run):
+            return pipeline.evaluate(run, runtime.s3(run), features, training, validation_uri)
 
     @task.branch
     def gate(evaluation: dict) -> str:
@@ -160,31 +150,28 @@ def network_security_training():
     @task(outlets=[assets.CHAMPION])
     def promote_champion(plan: dict, evaluation: dict, run_id=None, outlet_events=None) -> dict:
         """Move champion to the challenger, previous_champion to the old champion; log it."""
-        promoted = runtime.promote(plan, evaluation, run_id)
-        outlet_events[assets.CHAMPION].extra = {
-            "model_name": plan["model_name"],
-            "version": promoted["champion_version"],
-            "previous_version": promoted.get("previous_champion_version"),
-            "mlflow_run_id": evaluation["run_id"],
-            "ds": plan["ds"],
-        }
+        run = runtime.run_plan(plan)
+        promoted = pipeline.promote(run, runtime.store(run), evaluation, run_id)
+        outlet_events[assets.CHAMPION].extra = pipeline.champion_event(run, promoted, evaluation)
         return promoted
 
     @task
     def keep_champion(plan: dict, evaluation: dict, run_id=None) -> dict:
         """Leave the aliases untouched and log why."""
-        return runtime.keep_champion(plan, evaluation, run_id)
+        run = runtime.run_plan(plan)
+        return pipeline.keep_champion(run, runtime.store(run), evaluation, run_id)
 
+    ensure_store = ensure_monitoring_store()
     features = transform(plan)
     validation_uri = validate.output
     training = with_links(train(plan, features, validation_uri), MLflowRunLink())
     evaluation = with_links(evaluate(plan, features, training, validation_uri), MLflowRunLink())
-    chain(plan, [ensure_monitoring_store, wait_for_drop])
+    chain(plan, [ensure_store, wait_for_drop])
     chain(wait_for_drop, ingest(plan), validate, features)
     promoted = promote_champion(plan, evaluation)
     chain(evaluation, gate(evaluation), [promoted, keep_champion(plan, evaluation)])
     chain(promoted, deploy_group(plan))
-    chain(ensure_monitoring_store, evaluation)
+    chain(ensure_store, evaluation)
 
 
 network_security_training()

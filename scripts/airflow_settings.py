@@ -1,8 +1,10 @@
-"""Apply ``airflow_settings.yaml`` (Astro CLI format) to the Airflow metadata database.
+"""Apply ``airflow_settings.yaml`` (Astro CLI format) to an Airflow, through Airflow's own CLI.
 
-There is no Astro CLI here, so this does what ``astro dev start`` does with the file:
-upsert every connection, pool and variable it lists. ``${NAME:-default}`` in a value
-is expanded from the environment first. Run it after ``airflow db migrate``::
+There is no Astro CLI here, so this does what ``astro dev start`` does with the file: it expands
+``${NAME:-default}`` from the environment, writes the connections, variables and pools as the
+files ``airflow connections import``, ``airflow variables import`` and ``airflow pools import``
+read (in a private temporary folder: they hold passwords), and runs those three commands, which
+upsert. Run it after ``airflow db migrate``::
 
     python -m scripts.airflow_settings [path/to/airflow_settings.yaml]
 """
@@ -12,17 +14,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_FILE = PROJECT_ROOT / "airflow_settings.yaml"
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
-def expand(value: Any, environ: dict[str, str] | None = None) -> Any:
+def expand(value: Any, environ: Mapping[str, str] | None = None) -> Any:
     """Expand ``${NAME}`` / ``${NAME:-default}`` in strings, recursively; fail on unset names without default."""
     environ = os.environ if environ is None else environ
     if isinstance(value, str):
@@ -43,53 +49,71 @@ def expand(value: Any, environ: dict[str, str] | None = None) -> Any:
     return value
 
 
-def load_settings(path: Path, environ: dict[str, str] | None = None) -> dict[str, list[dict[str, Any]]]:
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, list[dict[str, Any]]]:
     raw = yaml.safe_load(path.read_text()) or {}
     section = expand(raw.get("airflow") or {}, environ)
     return {key: [item for item in (section.get(key) or []) if item] for key in ("connections", "pools", "variables")}
 
 
-def apply(path: Path = PROJECT_ROOT / "airflow_settings.yaml") -> dict[str, int]:
-    """Upsert the file's connections, pools and variables; return how many of each."""
-    # The metadata-DB models, not airflow.sdk's: this is setup code that writes the
-    # database directly, as `airflow connections/variables/pools import` would.
-    from airflow.models.connection import Connection  # noqa: AIR311
-    from airflow.models.pool import Pool
-    from airflow.models.variable import Variable  # noqa: AIR311
-    from airflow.utils.session import create_session
+def import_files(settings: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The file contents the three ``airflow ... import`` commands take, from the Astro-format settings."""
+    connections = {}
+    for item in settings["connections"]:
+        extra = item.get("conn_extra")
+        fields = {
+            "conn_type": item["conn_type"],
+            "host": item.get("conn_host"),
+            "schema": item.get("conn_schema"),
+            "login": item.get("conn_login"),
+            "password": item.get("conn_password"),
+            "port": int(item["conn_port"]) if item.get("conn_port") not in (None, "") else None,
+            "extra": json.dumps(extra) if isinstance(extra, dict) else extra,
+        }
+        connections[item["conn_id"]] = {key: value for key, value in fields.items() if value not in (None, "")}
+    variables = {item["variable_name"]: item["variable_value"] for item in settings["variables"]}
+    pools = {
+        item["pool_name"]: {
+            "slots": int(item["pool_slot"]),
+            "description": item.get("pool_description") or "",
+            "include_deferred": False,
+        }
+        for item in settings["pools"]
+    }
+    return {"connections": connections, "variables": variables, "pools": pools}
 
-    settings = load_settings(path)
-    with create_session() as session:
-        for item in settings["connections"]:
-            extra = item.get("conn_extra")
-            fields = dict(
-                conn_type=item["conn_type"],
-                host=item.get("conn_host"),
-                schema=item.get("conn_schema"),
-                login=item.get("conn_login"),
-                password=item.get("conn_password"),
-                port=item.get("conn_port"),
-                extra=json.dumps(extra) if isinstance(extra, dict) else extra,
-            )
-            existing = session.query(Connection).filter(Connection.conn_id == item["conn_id"]).one_or_none()
-            if existing is None:
-                session.add(Connection(conn_id=item["conn_id"], **fields))
-            else:
-                for key, value in fields.items():
-                    setattr(existing, key, value)
-        for item in settings["variables"]:
-            Variable.set(item["variable_name"], item["variable_value"], session=session)
-        for item in settings["pools"]:
-            Pool.create_or_update_pool(
-                name=item["pool_name"],
-                slots=int(item["pool_slot"]),
-                description=item.get("pool_description") or "",
-                include_deferred=False,
-                session=session,
-            )
-    return {key: len(value) for key, value in settings.items()}
+
+def commands(folder: Path) -> list[list[str]]:
+    """The CLI commands that upsert the files written to ``folder``."""
+    airflow = str(Path(sys.executable).parent / "airflow")
+    return [
+        [airflow, "connections", "import", "--overwrite", str(folder / "connections.json")],
+        [airflow, "variables", "import", "--action-on-existing-key", "overwrite", str(folder / "variables.json")],
+        [airflow, "pools", "import", str(folder / "pools.json")],
+    ]
+
+
+def apply(path: Path = SETTINGS_FILE, environ: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Upsert the file's connections, pools and variables with Airflow's CLI; return how many of each.
+
+    Raises:
+        RuntimeError: A command failed; the message carries its output.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    files = import_files(load_settings(path, environ))
+    with tempfile.TemporaryDirectory(prefix="ns-airflow-settings-") as folder:
+        for name, content in files.items():
+            target = Path(folder) / f"{name}.json"
+            target.write_text(json.dumps(content))
+            target.chmod(0o600)
+        for command in commands(Path(folder)):
+            done = subprocess.run(command, env=environ, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"`airflow {' '.join(command[1:3])}` failed:\n{done.stdout[-1500:]}{done.stderr[-3000:]}"
+                )
+    return {name: len(content) for name, content in files.items()}
 
 
 if __name__ == "__main__":
-    counts = apply(Path(sys.argv[1]) if len(sys.argv) > 1 else PROJECT_ROOT / "airflow_settings.yaml")
+    counts = apply(Path(sys.argv[1]) if len(sys.argv) > 1 else SETTINGS_FILE)
     print("  airflow settings: " + ", ".join(f"{n} {k}" for k, n in counts.items()))

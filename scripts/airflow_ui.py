@@ -1,24 +1,21 @@
 """The Airflow UI on the embedded stack: ``airflow standalone`` next to moto and MLflow.
 
-``up`` starts the embedded stack (``scripts.stack.up``: moto, MLflow, migrated metadata DB,
-``airflow_settings.yaml``, buckets), then ``airflow standalone`` (api-server, scheduler with
-the LocalExecutor, dag-processor, triggerer) on the same SQLite metadata DB, the project's
-DAGs and plugins, in a session of its own with a pid file and a log under the state folder.
-It waits until the UI answers, every component heartbeats and the DAGs are parsed, then prints
-the URL and the login (the simple auth manager's generated password, kept in the state folder).
+``up`` starts and prepares the embedded stack (``scripts.bootstrap.up``: moto, MLflow, migrated
+metadata DB, ``airflow_settings.yaml``, buckets), then ``airflow standalone`` (api-server,
+scheduler with the LocalExecutor, dag-processor, triggerer) on the same SQLite metadata DB, as a
+service of the project's supervisor (``scripts/services.py``: a session, a pid file, a log). It
+waits until the UI answers, every component heartbeats and the DAGs are parsed (REST API), then
+prints the URL and the login (the simple auth manager's generated password).
 
 * Deferrable operators defer (``[operators] default_deferrable``): the triggerer runs, so the
   S3 sensor waits for the day's drop there instead of holding a worker slot.
 * ``make run`` keeps working next to it (it runs its DAG runs itself with ``dag.test()``): the
   scheduler creates no scheduled runs (``[scheduler] use_job_schedule``) and the project's DAGs
-  are paused when the UI starts, so it never picks up a run that ``make run`` queued (the drift
-  check's retraining run). A run triggered from the UI unpauses its DAG (the trigger dialog's
-  "Unpause ... on trigger", ticked by default). ``--schedules`` keeps schedules and pause
-  states as they are instead.
-* ``up`` twice: the second sees the UI running and only says so. ``down`` stops what ``up``
-  started (standalone's session: its components and the task processes under them), then the
-  rest as ``python -m scripts.stack down`` does (model servers, MLflow, moto);
-  ``python -m scripts.stack down`` stops the UI too.
+  are paused (``airflow dags pause``) before the scheduler starts, so it never picks up a run that
+  ``make run`` queued. A run triggered from the UI unpauses its DAG (the trigger dialog's
+  "Unpause ... on trigger", ticked by default). ``--schedules`` keeps schedules and pause states.
+* ``up`` twice: the second sees the UI running and only says so. ``down`` (or
+  ``python -m scripts.stack down``) stops it with the rest of the stack.
 
 Usage: ``python -m scripts.airflow_ui up [--schedules] | down | status``
 (``AIRFLOW_PORT`` moves the UI, as ``MOTO_PORT`` / ``MLFLOW_PORT`` move the rest.)
@@ -27,30 +24,22 @@ Usage: ``python -m scripts.airflow_ui up [--schedules] | down | status``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import psutil
+from scripts import bootstrap, services, stack
+from scripts.airflow_api import AirflowApi, ApiError
+from scripts.services import AIRFLOW_SETTINGS, HOST, Paths, Ports
+from tasks.config import DEPLOY_DAG_ID, DRIFT_DAG_ID, TRAINING_DAG_ID
+from tasks.supervisor import Service, SupervisorError, http_ok
 
-from scripts import stack
-from scripts.stack import HOST, PROJECT_ROOT, Paths, Ports, Service, StackError
-
-NAME = "airflow-standalone"
 ADMIN = "admin"
-# The DAG files of dags/ (one DAG each); ``up`` waits until the dag-processor has parsed them.
-PROJECT_DAGS = ("network_security_deploy", "network_security_drift", "network_security_training")
-START_TIMEOUT = 300.0  # standalone starts four Airflow processes at once: slow on two busy cores
-STOP_TIMEOUT = 30.0
+PROJECT_DAGS = (DEPLOY_DAG_ID, DRIFT_DAG_ID, TRAINING_DAG_ID)
+HEALTHY_COMPONENTS = ("metadatabase", "scheduler", "dag_processor", "triggerer")
 
 
 def ui_url(ports: Ports) -> str:
@@ -72,14 +61,14 @@ def ui_environment(
     ``schedules`` decides (the stack's own environment unpauses DAGs at creation).
     """
     environ = os.environ if environ is None else environ
-    url = ui_url(ports)
+    deferrable = "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE"
     defaults = {
         "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__API__SECRET_KEY": stack._local_secret(paths, "api_secret_key", lambda: secrets.token_urlsafe(32)),
+        "AIRFLOW__API__SECRET_KEY": services.local_secret(paths, "api_secret_key", lambda: secrets.token_urlsafe(32)),
         # The LocalExecutor forks this many workers up front (Airflow's default is 32); two cores here.
         "AIRFLOW__CORE__PARALLELISM": "4",
-        # The triggerer runs, so deferrable operators (the S3 sensor, the SSM rollout) defer.
-        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
+        # The triggerer runs, so deferrable operators (the S3 sensor) defer, as in distributed mode.
+        deferrable: AIRFLOW_SETTINGS[deferrable],
         # One admin; the api-server generates its password once into the state folder.
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file(paths)),
@@ -97,7 +86,7 @@ def ui_environment(
             "AIRFLOW__API__HOST": HOST,
             "AIRFLOW__API__PORT": str(ports.airflow),
             # Task processes report to the api-server's Task Execution API on this port.
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{ui_url(ports)}/execution/",
             # standalone starts its components as `airflow ...`: the venv's airflow first.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", os.defpath)]),
         }
@@ -105,35 +94,20 @@ def ui_environment(
     return env
 
 
-def _get_json(url: str, token: str | None = None, timeout: float = 5.0) -> Any:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.load(response)
-
-
 def components_healthy(ports: Ports) -> bool:
     """The UI answers and the metadata DB, scheduler, dag-processor and triggerer are healthy."""
+    import httpx
+
     try:
-        health = _get_json(f"{ui_url(ports)}/api/v2/monitor/health")
-        with urllib.request.urlopen(f"{ui_url(ports)}/", timeout=5) as response:
-            page = response.status == 200
-    except (OSError, ValueError):
+        health = httpx.get(f"{ui_url(ports)}/api/v2/monitor/health", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
         return False
-    components = ("metadatabase", "scheduler", "dag_processor", "triggerer")
-    return page and all((health.get(name) or {}).get("status") == "healthy" for name in components)
+    page = http_ok(f"{ui_url(ports)}/", timeout=5)
+    return page and all((health.get(name) or {}).get("status") == "healthy" for name in HEALTHY_COMPONENTS)
 
 
-def service(paths: Paths, ports: Ports) -> Service:
-    return Service(
-        name=NAME,
-        port=ports.airflow,
-        port_variable="AIRFLOW_PORT",
-        command=[str(Path(sys.executable).parent / "airflow"), "standalone"],
-        health_path="/api/v2/monitor/health",
-        start_timeout=START_TIMEOUT,
-        health_check=lambda: components_healthy(ports),
-        start_hint="python -m scripts.airflow_ui up",
-    )
+def service(ports: Ports) -> Service:
+    return services.airflow_standalone(ports, health_check=lambda: components_healthy(ports))
 
 
 def login(paths: Paths) -> tuple[str, str | None]:
@@ -144,82 +118,17 @@ def login(paths: Paths) -> tuple[str, str | None]:
         return ADMIN, None
 
 
-def api_token(ports: Ports, user: str, password: str) -> str:
-    """A JWT for the REST API from the simple auth manager (POST /auth/token)."""
-    request = urllib.request.Request(
-        f"{ui_url(ports)}/auth/token",
-        data=json.dumps({"username": user, "password": password}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)["access_token"]
-
-
-def wait_for_dags(paths: Paths, ports: Ports, timeout: float = 180.0) -> dict[str, bool]:
-    """Wait until the dag-processor has registered the project's DAGs; return {dag_id: is_paused}."""
+def api(paths: Paths, ports: Ports) -> AirflowApi:
     user, password = login(paths)
     if password is None:
-        raise StackError(f"no password for {user!r} in {password_file(paths)}; see {paths.logs / (NAME + '.log')}")
-    token = api_token(ports, user, password)
-    deadline = time.monotonic() + timeout
-    while True:
-        dags = _get_json(f"{ui_url(ports)}/api/v2/dags?limit=100", token)["dags"]
-        found = {dag["dag_id"]: dag["is_paused"] for dag in dags}
-        if all(dag_id in found for dag_id in PROJECT_DAGS):
-            return found
-        errors = _get_json(f"{ui_url(ports)}/api/v2/importErrors", token)["import_errors"]
-        if errors:
-            detail = "\n".join(f"{e['filename']}: {e['stack_trace'].strip().splitlines()[-1]}" for e in errors)
-            raise StackError(f"the DAGs do not import:\n{detail}")
-        if time.monotonic() > deadline:
-            missing = sorted(set(PROJECT_DAGS) - set(found))
-            raise StackError(f"DAGs {missing} not parsed within {timeout:.0f}s; see {paths.logs / (NAME + '.log')}")
-        time.sleep(2)
+        raise SupervisorError(f"no password for {user!r} in {password_file(paths)}; see {paths.logs}")
+    return AirflowApi(ui_url(ports), user, password, where_logs=f"see {paths.logs}")
 
 
-def pause_all_dags() -> list[str]:
-    """Pause every unpaused DAG of the metadata DB the environment points at; return their ids."""
-    from airflow.models.dag import DagModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        unpaused = session.query(DagModel).filter(DagModel.is_paused.is_(False)).all()
-        for dag in unpaused:
-            dag.is_paused = True
-        return sorted(dag.dag_id for dag in unpaused)
-
-
-def _pause_dags(env: Mapping[str, str]) -> list[str]:
-    """``pause_all_dags`` in a subprocess: Airflow reads its configuration (this stack's) at import."""
-    code = "from scripts.airflow_ui import pause_all_dags; print(','.join(pause_all_dags()))"
-    done = subprocess.run([sys.executable, "-c", code], env=dict(env), cwd=PROJECT_ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise StackError(f"pausing the DAGs failed:\n{done.stderr[-2000:]}")
-    lines = done.stdout.strip().splitlines()
-    return [dag_id for dag_id in (lines[-1] if lines else "").split(",") if dag_id]
-
-
-def running(paths: Paths, ports: Ports) -> int | None:
-    """The pid of our standalone when it runs and its api-server answers, else None."""
-    pid = stack._read_pid(paths, service(paths, ports))
-    if pid is None:
-        return None
-    try:
-        _get_json(f"{ui_url(ports)}/api/v2/monitor/health")
-    except (OSError, ValueError):
-        return None
-    return pid
-
-
-def _check_port_free(paths: Paths, ports: Ports) -> None:
-    """Fail before starting anything when another program holds the UI's port (ours is adopted later)."""
-    holder = stack._listener(ports.airflow)
-    if holder is not None and not stack._is_ours(holder, paths):
-        raise StackError(
-            f"port {ports.airflow} is in use by pid {holder.pid} ({' '.join(holder.cmdline()[:3])}); "
-            f"choose another, e.g. `AIRFLOW_PORT={ports.airflow + 1} python -m scripts.airflow_ui up`"
-        )
+def pause_dags(env: Mapping[str, str]) -> list[str]:
+    """Pause every unpaused DAG of the metadata DB (``airflow dags pause``, before the scheduler starts)."""
+    paused = services.airflow_json("dags", "pause", "--treat-dag-id-as-regex", "--yes", ".*", env=env)
+    return sorted(entry["dag_id"] for entry in paused)
 
 
 def up(
@@ -236,116 +145,47 @@ def up(
     paths = paths or Paths.from_env()
     ports = ports or Ports.from_env()
     base = dict(os.environ if environ is None else environ)
-    pid = running(paths, ports)
-    if pid is not None:
-        print(f"  {NAME}: already running (pid {pid}) at {ui_url(ports)}; nothing to start", flush=True)
-        env = stack.up(paths, ports, only=["moto", "mlflow"])  # a no-op when they are healthy
+    supervisor = paths.supervisor()
+    standalone = service(ports)
+    running = supervisor.pid(standalone)
+    if running is not None and supervisor.healthy(standalone):
+        print(f"  {standalone.name}: already running (pid {running}) at {ui_url(ports)}", flush=True)
+        env = {**stack.up(paths, ports), **ui_environment(paths, ports, schedules, base)}  # a no-op when healthy
     else:
-        _check_port_free(paths, ports)
-        env = stack.up(paths, ports)
-    env = {**env, **ui_environment(paths, ports, schedules, base)}
-    if pid is None:
+        env = {**bootstrap.up(paths, ports), **ui_environment(paths, ports, schedules, base)}
         if not schedules:
-            paused = _pause_dags({**base, **env})
+            paused = pause_dags({**base, **env})
             if paused:
                 print(f"  paused {', '.join(paused)} (a run triggered from the UI unpauses its DAG)", flush=True)
-        started = stack.start_service(service(paths, ports), paths, env, base_environ=base)
-        print(f"  {NAME}: {started}", flush=True)
-    dags = wait_for_dags(paths, ports)
+        print(f"  {standalone.name}: {supervisor.start(standalone, env, base)}", flush=True)
+    dags = api(paths, ports).wait_for_dags(PROJECT_DAGS, timeout=180)
     states = ", ".join(f"{dag_id} ({'paused' if paused else 'unpaused'})" for dag_id, paused in sorted(dags.items()))
     print(f"  DAGs: {states}", flush=True)
-    print_access(paths, ports, env if pid is None else None)
+    print_access(paths, ports, env)
     return env
 
 
-def print_access(paths: Paths, ports: Ports, env: Mapping[str, str] | None = None) -> None:
-    """URL, login and where things are; with the environment ``up`` started Airflow with, its choices."""
+def print_access(paths: Paths, ports: Ports, env: Mapping[str, str]) -> None:
+    """URL, login and where things are, with the choices the UI's environment made."""
     user, password = login(paths)
     print(f"\n  Airflow UI     {ui_url(ports)}")
     print(f"  login          {user} / {password}   (kept in {password_file(paths)})")
     print(f"  MLflow UI      http://{HOST}:{ports.mlflow}")
-    print(f"  Airflow log    {paths.logs / (NAME + '.log')}   (task logs: {paths.airflow_home / 'logs'})")
-    if env is not None:
-        if env.get("AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE") == "False":
-            print("  schedules      off: runs start when triggered (--schedules keeps them)")
-        print(f"  deploy targets {env.get('NS_DEPLOY_TARGETS') or '(none)'}   (NS_DEPLOY_TARGETS)")
+    print(f"  Airflow log    {paths.logs / 'airflow-standalone.log'}   (task logs: {paths.airflow_home / 'logs'})")
+    if env.get("AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE") == "False":
+        print("  schedules      off: runs start when triggered (--schedules keeps them)")
+    print(f"  deploy targets {env.get('NS_DEPLOY_TARGETS') or '(none)'}   (NS_DEPLOY_TARGETS)")
     print(f"  stop           {sys.executable} -m scripts.airflow_ui down   (stops the whole stack)", flush=True)
-
-
-def _session(pid: int) -> list[psutil.Process]:
-    """Live processes in the session of ``pid``: standalone, its components, the tasks under them.
-
-    ``up`` starts standalone as a session leader. Task processes get process groups of their own
-    (the Task SDK's supervisor does that), so the session, not the process group, holds all of
-    it, even after standalone itself died. Model servers started by deploy tasks leave it (a
-    session of their own): ``stack.down`` stops them.
-    """
-    sessions = {pid}
-    with contextlib.suppress(OSError):
-        sessions.add(os.getsid(pid))
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) in sessions and process.status() != psutil.STATUS_ZOMBIE:
-                members.append(process)
-        except (OSError, psutil.NoSuchProcess):
-            continue
-    return members
-
-
-def stop(paths: Paths, timeout: float = STOP_TIMEOUT) -> str:
-    """Stop what ``up`` started: SIGTERM (standalone stops its components), SIGKILL to what is left after ``timeout``."""
-    pid_file = paths.pids / f"{NAME}.pid"
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        pid_file.unlink(missing_ok=True)
-        return "not running"
-    members = _session(pid)
-    # Ours when one of them carries this stack's id (some processes overwrite their environment
-    # with their title; a stale pid file may name a pid another program uses now).
-    if not any(stack._is_ours(process, paths) for process in members):
-        pid_file.unlink(missing_ok=True)
-        return f"not running (removed the stale pid file of pid {pid})"
-    try:
-        leader = any(process.pid == pid for process in members) and os.getpgid(pid) == pid
-    except ProcessLookupError:
-        leader = False
-    if leader:
-        os.killpg(pid, signal.SIGTERM)  # standalone and its components; they end their tasks
-    else:  # standalone is gone (or was adopted): its processes one by one
-        for process in members:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.terminate()
-    seen = {process.pid for process in members}
-    began = time.monotonic()
-    while members and time.monotonic() < began + timeout:
-        psutil.wait_procs(members, timeout=1)
-        members = _session(pid)  # and whatever was started meanwhile
-        seen.update(process.pid for process in members)
-    for process in members:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(members, timeout=5)
-    pid_file.unlink(missing_ok=True)
-    killed = f", {len(members)} killed after {timeout:.0f}s" if members else ""
-    return f"stopped (pid {pid}, {len(seen)} processes in {time.monotonic() - began:.0f}s{killed})"
-
-
-def down(paths: Paths | None = None, ports: Ports | None = None) -> None:
-    """Stop the UI, then the stack (model servers, MLflow, moto) as ``scripts.stack down`` does."""
-    paths = paths or Paths.from_env()
-    ports = ports or Ports.from_env()
-    stack.down(paths, ports)  # stops the UI first (see stack.down)
 
 
 def status(paths: Paths | None = None, ports: Ports | None = None) -> bool:
     paths = paths or Paths.from_env()
     ports = ports or Ports.from_env()
     stack_up = stack.status(paths, ports)
-    pid = stack._read_pid(paths, service(paths, ports))
+    standalone = service(ports)
     healthy = components_healthy(ports)
-    print(f"  {NAME:8s} {'up' if healthy else 'down':5s} pid={pid or '-'} {ui_url(ports)}")
+    pid = paths.supervisor().pid(standalone)
+    print(f"  {standalone.name} {'up' if healthy else 'down':5s} pid={pid or '-'} {ui_url(ports)}")
     return stack_up and healthy
 
 
@@ -362,10 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.action == "up":
             up(schedules=args.schedules)
         elif args.action == "down":
-            down()
+            stack.down()
         else:
             sys.exit(0 if status() else 1)
-    except StackError as err:
+    except (SupervisorError, ApiError, RuntimeError) as err:
         sys.exit(f"airflow_ui: {err}")
 
 

@@ -1,22 +1,28 @@
-"""Run a DAG in-process with ``dag.test()`` and report task states and outputs.
+"""Run a DAG in-process with ``dag.test()`` and read what Airflow's public CLI says about runs.
 
-Used by ``make run`` and by the integration tests, so both exercise the DAG exactly
-as ``airflow dags test`` would, against the stack the environment points at.
+``make run`` and ``make deploy`` run their DAG runs this way: no scheduler, the same code path
+as ``airflow dags test``. A run queued by ``TriggerDagRunOperator`` (the drift check's retrain)
+is executed the same way, with its own conf, as ``dag.test()`` does it: the run at that
+logical date is replaced by a ``manual__`` run (``dag.test()`` names its runs itself; keeping
+the queued id would take a scheduler, which ``make airflow`` and the distributed mode have).
+Task states and queued runs come from ``airflow tasks states-for-dag-run`` and
+``airflow dags list-runs`` (the metadata DB is Airflow's, read through Airflow's CLI).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pendulum
 
-from scripts.airflow_settings import PROJECT_ROOT
+from scripts.services import PROJECT_ROOT, airflow_json
 
 
 @dataclass
@@ -24,8 +30,8 @@ class RunReport:
     dag_id: str
     run_id: str
     state: str
+    logical_date: dt.datetime | None = None
     task_states: dict[str, str] = field(default_factory=dict)
-    outputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:
@@ -53,6 +59,7 @@ def output_to(log_path: Path | None) -> Iterator[None]:
 
 
 def load_dag(dag_id: str) -> Any:
+    """The DAG, freshly parsed from the project's DAG folder."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
@@ -61,60 +68,40 @@ def load_dag(dag_id: str) -> Any:
     return bag.dags[dag_id]
 
 
-def run_dag(
-    dag_id: str,
-    ds: str | datetime,
-    conf: dict[str, Any] | None = None,
-    log_path: Path | None = None,
-    run_id: str | None = None,
-) -> RunReport:
-    """Run one DAG run at ``ds`` (a day, a timestamp or a datetime) to completion; collect its XComs.
+def logical_date_of(when: str | dt.datetime) -> dt.datetime:
+    return when if isinstance(when, dt.datetime) else pendulum.parse(when, tz="UTC")
 
-    ``outputs`` maps a task id to its return value, and ``"<task_id>:<key>"`` to other keys.
+
+def run_dag(
+    dag_id: str, when: str | dt.datetime, conf: Mapping[str, Any] | None = None, log_path: Path | None = None
+) -> RunReport:
+    """Run one DAG run at ``when`` (a day, a timestamp or a datetime) to completion with ``dag.test()``.
+
     A run already at that logical date (e.g. one queued by ``TriggerDagRunOperator``) is
     replaced by this one: that is how ``dag.test()`` executes a triggered run's conf.
-    ``run_id`` keeps the replaced run's id (default: a new ``manual__`` id).
     """
-    from unittest import mock
-
-    from airflow.models.dagrun import DagRun
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
     dag = load_dag(dag_id)
-    logical_date = ds if isinstance(ds, datetime) else pendulum.parse(ds, tz="UTC")
-    # dag.test() always names its run manual__<time>; a triggered run keeps its own id, so
-    # the drift check that queued it, its idempotent trigger and the run agree on it.
-    naming = mock.patch.object(DagRun, "generate_run_id", return_value=run_id) if run_id else contextlib.nullcontext()
-    with output_to(log_path), naming:
-        dag_run = dag.test(logical_date=logical_date, run_conf=conf or None)
-    report = RunReport(dag_id=dag_id, run_id=dag_run.run_id, state=str(dag_run.state))
-    with create_session() as session:
-        states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances(session=session)}
-        report.task_states = {
-            task_id: states[task_id] for task_id in (t.task_id for t in dag.topological_sort()) if task_id in states
-        }
-        rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_id)).all()
-        for row in rows:
-            name = row.task_id if row.key == "return_value" else f"{row.task_id}:{row.key}"
-            report.outputs[name] = XComModel.deserialize_value(row)
-    return report
+    logical_date = logical_date_of(when)
+    with output_to(log_path):
+        dag_run = dag.test(logical_date=logical_date, run_conf=dict(conf) if conf else None)
+    return RunReport(dag_id=dag_id, run_id=dag_run.run_id, state=str(dag_run.state), logical_date=logical_date)
+
+
+def task_states(dag_id: str, run_id: str) -> dict[str, str]:
+    """Every task's state in one run, in the DAG's order (``airflow tasks states-for-dag-run``)."""
+    rows = airflow_json("tasks", "states-for-dag-run", dag_id, run_id)
+    states = {row["task_id"]: str(row["state"]) for row in rows}
+    return {task_id: states[task_id] for task_id in task_order(dag_id) if task_id in states}
+
+
+@functools.cache
+def task_order(dag_id: str) -> tuple[str, ...]:
+    """The DAG's task ids in topological order (parsed once per process)."""
+    return tuple(t.task_id for t in load_dag(dag_id).topological_sort())
 
 
 def queued_runs(dag_id: str) -> list[dict[str, Any]]:
-    """Runs of ``dag_id`` created but not started (e.g. by a trigger), oldest first."""
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        runs = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.state == "queued").all()
-        found = [{"run_id": r.run_id, "logical_date": r.logical_date, "conf": dict(r.conf or {})} for r in runs]
-    return sorted(found, key=lambda r: r["logical_date"])
-
-
-def run_queued(dag_id: str, log_path: Path | None = None) -> list[tuple[str, RunReport]]:
-    """Execute every queued run of ``dag_id`` with its own conf (no scheduler needed)."""
-    return [
-        (run["run_id"], run_dag(dag_id, run["logical_date"], run["conf"], log_path, run_id=run["run_id"]))
-        for run in queued_runs(dag_id)
-    ]
+    """Runs of ``dag_id`` created but not started (e.g. by a trigger), oldest first (``airflow dags list-runs``)."""
+    rows = airflow_json("dags", "list-runs", dag_id, "--state", "queued")
+    runs = [{"run_id": row["run_id"], "logical_date": dt.datetime.fromisoformat(row["logical_date"])} for row in rows]
+    return sorted(runs, key=lambda run: run["logical_date"])

@@ -1,7 +1,8 @@
 """``make deploy`` / ``make rollback``: run the ``network_security_deploy`` DAG on the embedded stack.
 
 Usage: ``python -m scripts.deploy redeploy`` or ``python -m scripts.deploy rollback --reason "..."``.
-The same deploy task group the training DAG runs after a promotion does the work.
+The same deploy task group the training DAG runs after a promotion does the work; what it did is
+read back from the deployment log of the monitoring store.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import datetime as dt
 import os
 import sys
 
-from scripts import stack
+from scripts import bootstrap
+from scripts.services import Paths
+from tasks.supervisor import SupervisorError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,30 +25,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "rollback" and not args.reason.strip():
         parser.error('a rollback needs a reason: make rollback REASON="..."')
 
-    paths = stack.Paths.from_env()
+    paths = Paths.from_env()
     try:
-        os.environ.update(stack.up(paths))
-    except stack.StackError as err:
+        os.environ.update(bootstrap.up(paths))
+    except (SupervisorError, RuntimeError) as err:
         print(f"stack: {err}", file=sys.stderr)
         return 2
-    from scripts.dag_runner import run_dag
+    from scripts.dag_runner import run_dag, task_states
+    from scripts.run_pipeline import Records
     from tasks.config import DEPLOY_DAG_ID
 
     log_path = paths.logs / f"{DEPLOY_DAG_ID}.log"
     conf = {"action": args.action, "reason": args.reason or None}
     print(f"==> {DEPLOY_DAG_ID} {conf} (task logs: {log_path})", flush=True)
     report = run_dag(DEPLOY_DAG_ID, dt.datetime.now(dt.UTC).date().isoformat(), conf=conf, log_path=log_path)
-    for task_id, state in report.task_states.items():
+    for task_id, state in task_states(DEPLOY_DAG_ID, report.run_id).items():
         print(f"  {task_id:26s} {state}")
-    chosen = report.outputs.get("choose_release") or {}
-    if chosen.get("rolled_back_version"):
-        print(f"  rolled back    v{chosen['rolled_back_version']} -> v{chosen['champion_version']}")
-    recorded = report.outputs.get("deploy.record_deployment")
-    if recorded:
-        print(f"  deployed       {recorded['model_name']} v{recorded['model_version']} to {recorded['targets']}")
-        print(f"  image          {recorded['image_uri']}")
-        if recorded.get("endpoint"):
-            print(f"  serving        {recorded['endpoint']}")
+    for row in Records(bootstrap.configured_settings(dict(os.environ))).of_run("deployments_of_run", report.run_id):
+        print(f"  {row['action']:8s} {row['target']:5s} {row['model_name']} v{row['model_version']}  {row['status']}")
+        print(f"           {row['image_uri'] or row['endpoint'] or ''}  {row['detail'][:160]}")
     if not report.succeeded:
         print(f"\n{DEPLOY_DAG_ID} failed; see {log_path}", file=sys.stderr)
         return 1

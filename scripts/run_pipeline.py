@@ -10,6 +10,10 @@
    its reference (the drifted snapshot it was trained on);
 5. print a table of every DAG run, PSI, decisions, champion versions and report locations.
 
+What it prints comes from where the runs recorded it: the monitoring store (gate decisions,
+deployments, drift checks, triggered retrains), MLflow, the S3 manifests, and Airflow's CLI
+(task states, queued runs), never from Airflow's database directly.
+
 Usage: ``python -m scripts.run_pipeline [--ds YYYY-MM-DD] [--rows N] [--traffic N] [--no-loop]``
 """
 
@@ -23,8 +27,9 @@ import sys
 import time
 from typing import Any
 
-from scripts import stack
-from scripts.airflow_settings import PROJECT_ROOT
+from scripts import bootstrap, services
+from scripts.services import PROJECT_ROOT, Paths
+from tasks.supervisor import SupervisorError
 
 SAMPLE = PROJECT_ROOT / "include" / "samples" / "network_security_record.json"
 
@@ -33,20 +38,73 @@ def _say(step: str) -> None:
     print(f"\n==> {step}", flush=True)
 
 
-def monitoring_records(sql_file: str) -> list[tuple]:
-    """Rows of a query in ``include/sql/``, read through the monitoring store's Airflow connection."""
-    # Outside a task, connections come from the metadata DB (or secrets backend) directly.
-    from airflow.models.connection import Connection  # noqa: AIR311
+class Records:
+    """What the runs recorded: the monitoring store (through the Airflow connection the DAGs use), MLflow, S3."""
 
-    from tasks.config import Settings
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self._store: Any = None
 
-    conn_id = Settings().monitoring_conn_id
-    connection = Connection.get_connection_from_secrets(conn_id)
-    # Hooks resolve their connection through the Task SDK, which outside a task only sees
-    # environment connections: hand it this one that way.
-    os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = connection.get_uri()
-    hook = connection.get_hook()
-    return hook.get_records((PROJECT_ROOT / "include" / "sql" / sql_file).read_text())
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from airflow.sdk import BaseHook
+
+            from network_security.runtime import HookStore
+
+            conn_id = self.settings.monitoring_conn_id
+            # Outside a task, hooks resolve connections from the environment only: hand them the
+            # one Airflow's metadata DB holds, read with the public CLI.
+            (connection,) = services.airflow_json("connections", "get", conn_id)
+            os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = connection["get_uri"]
+            self._store = HookStore(BaseHook.get_connection(conn_id).get_hook())
+        return self._store
+
+    def of_run(self, query: str, run_id: str) -> list[dict[str, Any]]:
+        from tasks import monitoring_store
+
+        return monitoring_store.rows_of_run(self.store, query, run_id)
+
+    def promotion(self, run_id: str) -> dict[str, Any] | None:
+        rows = self.of_run("promotions_of_run", run_id)
+        return rows[0] if rows else None
+
+    def drift_check(self, run_id: str) -> dict[str, Any] | None:
+        rows = self.of_run("drift_check_of_run", run_id)
+        return rows[0] if rows else None
+
+    def latest(self, name: str) -> list[dict[str, Any]]:
+        from tasks import monitoring_store
+
+        return monitoring_store.query(self.store, name)
+
+    def retrain_conf(self, run_id: str) -> dict[str, Any] | None:
+        from tasks import monitoring_store
+
+        request = monitoring_store.retrain_request(self.store, run_id)
+        return request["conf"] if request else None
+
+    def report_url(self, dag_run_id: str) -> str | None:
+        """The Evidently report of a drift run, served by MLflow (its monitoring run's artifact)."""
+        import mlflow
+
+        from tasks.drift import load_drift_config
+        from tasks.storage import mlflow_artifact_url
+
+        tracking = self.settings.mlflow_tracking_uri
+        mlflow.set_tracking_uri(tracking)
+        runs = mlflow.search_runs(
+            experiment_names=[load_drift_config().monitoring_experiment],
+            filter_string=f"tags.airflow_dag_run_id = '{dag_run_id}'",
+            output_format="list",
+        )
+        return mlflow_artifact_url(tracking, runs[0].info.run_id, "drift/report.html") if runs else None
+
+
+def champion_after(promotion: dict[str, Any]) -> str | None:
+    """The champion once a gate decision is applied."""
+    promoted = promotion["decision"] in ("promote", "forced_promote")
+    return promotion["model_version"] if promoted else promotion["champion_version"]
 
 
 def served_version(url: str, api_key: str) -> str | None:
@@ -63,14 +121,14 @@ def served_version(url: str, api_key: str) -> str | None:
 class Loop:
     """The closed loop's state: what ran, what it decided, and how to print it."""
 
-    def __init__(self, paths: stack.Paths, args: argparse.Namespace) -> None:
-        from scripts.bootstrap import configured_settings
+    def __init__(self, paths: Paths, args: argparse.Namespace) -> None:
         from tasks.dataset_spec import load_spec
 
         self.paths = paths
         self.args = args
-        self.settings = configured_settings(dict(os.environ))
+        self.settings = bootstrap.configured_settings(dict(os.environ))
         self.spec = load_spec(self.settings.dataset)
+        self.records = Records(self.settings)
         self.url = f"http://127.0.0.1:{os.environ['SERVING_PORT']}"
         self.api_key = os.environ["NS_SERVING_API_KEY"]
         self.rows: list[dict[str, Any]] = []  # the final table
@@ -81,34 +139,37 @@ class Loop:
     def log_path(self, name: str) -> Any:
         return self.paths.logs / f"{name}.log"
 
-    def run(self, dag_id: str, when: Any, conf: dict | None = None, note: str = "") -> Any:
-        from scripts.dag_runner import run_dag
+    def run(self, dag_id: str, when: Any, conf: dict | None = None, note: str = "", shown_as: str = "") -> Any:
+        from scripts.dag_runner import run_dag, task_states
 
         began = time.monotonic()
         report = run_dag(dag_id, when, conf=conf, log_path=self.log_path(dag_id))
-        self.record(dag_id, report, note, time.monotonic() - began)
+        report.task_states = task_states(dag_id, report.run_id)
+        self.record(dag_id, report, note, time.monotonic() - began, shown_as)
         return report
 
-    def record(self, dag_id: str, report: Any, note: str, seconds: float) -> None:
-        outputs = report.outputs
-        row = {"dag": dag_id, "run": report.run_id, "state": report.state, "seconds": seconds, "note": note}
-        check = outputs.get("check_drift")
-        if check:
-            row["psi"] = f"max {check['max_psi']:.3f} / pred {check['prediction_psi']:.3f}"
-            row["report"] = check.get("report_url") or check["report_uri"]
-        decision = outputs.get("decide_retraining:decision")
-        if decision:
-            row["decision"] = decision["outcome"] + (
-                f" -> {decision['retrain']['run_id']}" if decision["retrain"] else ""
-            )
-        elif report.task_states.get("check_drift") == "skipped":
-            row["decision"] = "skipped (too few rows)"
-        evaluation = outputs.get("evaluate")
-        if evaluation:
-            row["decision"] = f"gate {evaluation['decision']}"
-            row["champion"] = f"v{evaluation['champion_version'] or '-'} -> v" + str(
-                (outputs.get("promote_champion") or outputs.get("keep_champion") or {}).get("champion_version")
-            )
+    def record(self, dag_id: str, report: Any, note: str, seconds: float, shown_as: str = "") -> None:
+        from tasks.config import DRIFT_DAG_ID
+
+        row = {"dag": dag_id, "run": shown_as or report.run_id, "state": report.state, "seconds": seconds, "note": note}
+        if shown_as:
+            row["ran_as"] = report.run_id
+        if dag_id == DRIFT_DAG_ID:
+            check = self.records.drift_check(report.run_id)
+            if check and check["max_psi"] is not None:
+                row["psi"] = f"max {check['max_psi']:.3f} / pred {check['prediction_psi']:.3f}"
+                row["report"] = self.records.report_url(report.run_id) or check["report_uri"]
+            if check:
+                triggered = f" -> {check['triggered_run_id']}" if check["triggered_run_id"] else ""
+                skipped = " (too few rows)" if check["decision"] == "skipped" else ""
+                row["decision"] = check["decision"] + skipped + triggered
+                row["check"] = check
+        else:
+            promotion = self.records.promotion(report.run_id)
+            if promotion:
+                row["decision"] = f"gate {promotion['decision']}"
+                row["champion"] = f"v{promotion['champion_version'] or '-'} -> v{champion_after(promotion)}"
+                row["promotion"] = promotion
         self.rows.append(row)
         for task_id, state in report.task_states.items():
             print(f"  {task_id:28s} {state}")
@@ -139,8 +200,8 @@ class Loop:
         """The gate kept the champion (no deploy ran) and it is not being served: redeploy it."""
         from tasks.config import DEPLOY_DAG_ID
 
-        outcome = report.outputs.get("promote_champion") or report.outputs.get("keep_champion") or {}
-        champion = outcome.get("champion_version")
+        promotion = self.rows[-1].get("promotion")
+        champion = champion_after(promotion) if promotion else None
         if report.succeeded and champion and served_version(self.url, self.api_key) != champion:
             _say(f"The champion v{champion} is not being served: running {DEPLOY_DAG_ID} (redeploy)")
             self.run(DEPLOY_DAG_ID, ds, conf={"action": "redeploy"}, note="redeploy the kept champion")
@@ -154,12 +215,39 @@ class Loop:
         self.publish(self.args.ds)
         _say(f"[1/5] Running {TRAINING_DAG_ID} for ds={self.args.ds} (logs: {self.log_path(TRAINING_DAG_ID)})")
         report = self.run(TRAINING_DAG_ID, self.args.ds, note="daily run")
-        print_training_summary(report, self.paths, self.settings, self.args.ds)
+        print_training_summary(self, report, self.args.ds)
         self.ensure_served(report, self.args.ds)
         return report
 
+    def run_queued_retrains(self, drifted_day: str) -> None:
+        """Execute the training runs the drift check queued, with the conf it logged for them.
+
+        Chosen path: ``dag.test()`` as it is (scripts/dag_runner.py), which runs the queued run's
+        conf as a ``manual__`` run at the same logical date. Keeping the ``drift__`` id would take
+        a scheduler; ``make run`` has none (everything runs in this process, on SQLite), while
+        ``make airflow`` and the distributed mode have one and execute the queued run as it is.
+        """
+        from scripts.dag_runner import queued_runs
+        from tasks.config import TRAINING_DAG_ID
+
+        for queued in queued_runs(TRAINING_DAG_ID):
+            conf = self.records.retrain_conf(queued["run_id"])
+            if conf is None:
+                print(f"  {queued['run_id']}: queued, but not by a drift check of this stack; left alone")
+                continue
+            report = self.run(
+                TRAINING_DAG_ID,
+                queued["logical_date"],
+                conf=conf,
+                note=f"queued by the drift check as {queued['run_id']}",
+                shown_as=queued["run_id"],
+            )
+            for reason in (self.rows[-1].get("promotion") or {}).get("reason", "").split("; "):
+                if reason:
+                    print(f"  gate: {reason}")
+            self.ensure_served(report, drifted_day)
+
     def loop(self) -> bool:
-        from scripts.dag_runner import run_queued
         from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID
         from tasks.datagen import DriftKnob
 
@@ -178,8 +266,8 @@ class Loop:
         self.traffic(self.args.traffic, seed=102, knob=knob, label="drifted")
         _say(f"[3/5] Running {DRIFT_DAG_ID}: the window now holds drifted traffic")
         check = self.run(DRIFT_DAG_ID, _now(), note="drifted traffic")
-        decision = check.outputs.get("decide_retraining:decision") or {}
-        if decision.get("outcome") == "cooldown":
+        decision = self.rows[-1].get("check") or {}
+        if decision.get("decision") == "cooldown":
             # An earlier make run retrained minutes ago: storm protection holds this drift back.
             print(f"  {decision['reason']}: the storm protection of an earlier run.")
             _say(f"[3/5] Running {DRIFT_DAG_ID} again with the run param cooldown_minutes=0, to show the loop")
@@ -189,15 +277,7 @@ class Loop:
             return False
 
         _say(f"[4/5] Executing the triggered {TRAINING_DAG_ID} run (logs: {self.log_path(TRAINING_DAG_ID)})")
-        began = time.monotonic()
-        for triggered_id, report in run_queued(TRAINING_DAG_ID, self.log_path(TRAINING_DAG_ID)):
-            self.record(
-                TRAINING_DAG_ID, report, f"queued by the drift check as {triggered_id}", time.monotonic() - began
-            )
-            evaluation = report.outputs.get("evaluate") or {}
-            for reason in evaluation.get("reasons", []):
-                print(f"  gate: {reason}")
-            self.ensure_served(report, drifted_day)
+        self.run_queued_retrains(drifted_day)
         after = served_version(self.url, self.api_key)
 
         _say(f"[5/5] Drifted traffic to the new champion v{after}; a last drift check")
@@ -207,12 +287,16 @@ class Loop:
         return after is not None and after != before
 
     def print_table(self) -> None:
+        from tasks.drift import load_drift_config
+
         _say("The closed loop")
         print(f"  {'dag run':78s} {'state':8s} {'PSI':24s} decision")
         for row in self.rows:
             print(
                 f"  {row['dag'] + ' ' + row['run']:78.78s} {row['state']:8s} {row.get('psi', ''):24s} {row.get('decision', '')}"
             )
+            if row.get("ran_as"):
+                print(f"  {'':78s} {'':8s} {'executed as':24s} {row['ran_as']} (dag.test)")
             if row.get("champion"):
                 print(f"  {'':78s} {'':8s} {'champion':24s} {row['champion']}")
             if row.get("report"):
@@ -221,96 +305,101 @@ class Loop:
         print(f"\n  champion       v{before} before the drift, v{after} after (served at {self.url})")
         print(f"  drift reports  s3://{self.settings.lake_bucket}/drift/{self.settings.dataset}/<run>/report.html")
         print(
-            f"                 and the '{self.settings.mlflow_experiment.replace('training', 'monitoring')}' experiment at {os.environ['MLFLOW_TRACKING_URI']}"
+            f"                 and the '{load_drift_config().monitoring_experiment}' experiment at {os.environ['MLFLOW_TRACKING_URI']}"
         )
         with _quiet(self.paths):
-            checks = monitoring_records("latest_drift_checks.sql")
+            checks = self.records.latest("latest_drift_checks")
         if checks:
             print("  drift checks   (monitoring store, include/sql/latest_drift_checks.sql)")
             for row in checks[:4]:
-                psi = f"max {row[4]:.3f} pred {row[5]:.3f}" if row[4] is not None else "-"
-                print(f"                 {row[0][:19]}  v{row[1]}  rows {row[2]}  {psi:24s} {row[6]}")
+                psi = (
+                    f"max {row['max_psi']:.3f} pred {row['prediction_psi']:.3f}" if row["max_psi"] is not None else "-"
+                )
+                print(
+                    f"                 {row['window_end'][:19]}  v{row['champion_version']}  rows {row['current_rows']}  "
+                    f"{psi:24s} {row['decision']}"
+                )
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def _quiet(paths: stack.Paths) -> Any:
+def _quiet(paths: Paths) -> Any:
     from scripts.dag_runner import output_to
 
     return output_to(paths.logs / "make_run.log")
 
 
-def print_training_summary(report: Any, paths: stack.Paths, settings: Any, ds: str) -> None:
+def print_training_summary(loop: Loop, report: Any, ds: str) -> None:
     """What the first training run did: snapshot, validation, features, model, gate, deploy."""
+    from mlflow import MlflowClient
+
+    from tasks import storage
+    from tasks.layout import MANIFEST, DayLayout
+
     _say("What the training run did")
     print(f"  run            {report.run_id}: {report.state}")
-    ingest = report.outputs.get("ingest") or {}
-    history_file = paths.state_dir / "snapshot_hashes.json"
+    s3 = services.s3_client(os.environ)
+    layout = DayLayout(loop.settings, loop.spec, ds)
+    history_file = loop.paths.state_dir / "snapshot_hashes.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else {}
-    if ingest:
-        previous = history.get(f"{settings.dataset}/{ds}")
+    if storage.exists(s3, layout.snapshot_manifest):
+        snapshot = storage.get_json(s3, layout.snapshot_manifest)
+        previous = history.get(f"{loop.settings.dataset}/{ds}")
         same = ""
         if previous is not None:
-            same = " (same as the previous run of this ds)" if previous == ingest["content_hash"] else " (DIFFERS)"
-        print(f"  snapshot       {ingest['snapshot_uri']}")
-        print(f"  snapshot hash  sha256:{ingest['content_hash']}{same}")
-        kept = "dropped" if ingest["dropped_duplicates"] else "kept"
-        print(f"  rows           {ingest['rows']} ({ingest['duplicate_rows']} exact duplicates, {kept})")
-        history[f"{settings.dataset}/{ds}"] = ingest["content_hash"]
+            same = " (same as the previous run of this ds)" if previous == snapshot["content_sha256"] else " (DIFFERS)"
+        print(f"  snapshot       {snapshot['snapshot_uri']}")
+        print(f"  snapshot hash  sha256:{snapshot['content_sha256']}{same}")
+        kept = "dropped" if snapshot["dropped_duplicates"] else "kept"
+        print(f"  rows           {snapshot['rows']} ({snapshot['duplicate_rows']} exact duplicates, {kept})")
+        history[f"{loop.settings.dataset}/{ds}"] = snapshot["content_sha256"]
         history_file.write_text(json.dumps(history, indent=2))
-    if report.outputs.get("validate"):
-        print(f"  validation     {report.outputs['validate']}")
-    transform = report.outputs.get("transform") or {}
-    if transform:
-        print(
-            f"  features       {transform['features_uri']} "
-            f"({transform['train_rows']} train / {transform['test_rows']} test rows)"
-        )
-    training = report.outputs.get("train") or {}
-    if training:
+    if storage.exists(s3, layout.validation_dir.child("result.json")):
+        print(f"  validation     {layout.validation_dir.child('result.json').uri}")
+    features = layout.features_dir.child(MANIFEST)
+    if storage.exists(s3, features):
+        manifest = storage.get_json(s3, features)
+        rows = f"{manifest['train_rows']} train / {manifest['test_rows']} test rows"
+        print(f"  features       {layout.features_dir.uri}/ ({rows})")
+    promotion = loop.records.promotion(report.run_id)
+    if promotion:
         tracking = os.environ["MLFLOW_TRACKING_URI"]
-        print(f"  MLflow run     {tracking}/#/experiments/{training['experiment_id']}/runs/{training['run_id']}")
-        print(f"  model          {training['model_name']} v{training['model_version']} ({training['best_estimator']})")
-    evaluation = report.outputs.get("evaluate") or {}
-    if evaluation:
-        metrics = evaluation["challenger_metrics"]
+        run = MlflowClient(tracking).get_run(promotion["mlflow_run_id"])
+        print(f"  MLflow run     {tracking}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+        estimator = run.data.params.get("best_estimator", "?")
+        print(f"  model          {promotion['model_name']} v{promotion['model_version']} ({estimator})")
+        metrics = json.loads(promotion["metrics_json"])["challenger"]
         print("  test metrics   " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        champion = evaluation["champion_version"]
-        against = f"champion v{champion}" if champion else "no champion yet"
-        print(f"  gate           {evaluation['decision'].upper()} against {against}")
-        for reason in evaluation["reasons"]:
+        against = f"champion v{promotion['champion_version']}" if promotion["champion_version"] else "no champion yet"
+        print(f"  gate           {promotion['decision'].upper()} against {against}")
+        for reason in promotion["reason"].split("; "):
             print(f"                 - {reason}")
-    outcome = report.outputs.get("promote_champion") or report.outputs.get("keep_champion")
-    if outcome:
-        print(f"  champion       v{outcome['champion_version']}")
-    outputs = report.outputs
-    if outputs.get("deploy.publish_image"):
-        image = outputs["deploy.publish_image"]
-        how = {"manifest": "manifest recorded, no Docker engine", "existing": "already there"}.get(
-            image["how"], "pushed"
-        )
-        print(f"  image          {image['image_uri']} ({how})")
-    if outputs.get("deploy.ec2_fleet"):
-        fleet = outputs["deploy.ec2_fleet"]
-        print(f"  EC2 fleet      {', '.join(fleet['instance_ids'])} (SSM command {outputs.get('deploy.rollout_ec2')})")
-    if outputs.get("deploy.smoke_test"):
-        smoke = outputs["deploy.smoke_test"]
-        print(
-            f"  smoke test     {smoke['records']} records, accuracy {smoke['accuracy']:.3f}, v{smoke['model_version']}"
-        )
-    with _quiet(paths):
-        promotions = monitoring_records("latest_promotions.sql")
-        deployments = monitoring_records("latest_deployments.sql")
+        print(f"  champion       v{champion_after(promotion)}")
+    for row in loop.records.of_run("deployments_of_run", report.run_id):
+        if row["target"] == "ec2":
+            print(f"  image          {row['image_uri']}")
+            print(f"  EC2 fleet      {', '.join(json.loads(row['instance_ids']))} ({row['detail']})")
+        else:
+            print(f"  local server   {row['endpoint']}: {row['detail']}")
+    with _quiet(loop.paths):
+        promotions = loop.records.latest("latest_promotions")
+        deployments = loop.records.latest("latest_deployments")
     if promotions:
         print("  promotion log  (monitoring store, include/sql/latest_promotions.sql)")
         for row in promotions[:3]:
-            print(f"                 {row[0][:19]}  {row[1]} v{row[2]}  {row[3]:15s} {row[4]} {row[5]:.4f}")
+            print(
+                f"                 {row['decided_at'][:19]}  {row['model_name']} v{row['model_version']}  "
+                f"{row['decision']:15s} {row['primary_metric']} {row['challenger_metric']:.4f}"
+            )
     if deployments:
         print("  deployment log (monitoring store, include/sql/latest_deployments.sql)")
         for row in deployments[:4]:
-            print(f"                 {row[0][:19]}  {row[1]:8s} {row[2]:5s} {row[3]} v{row[4]}  {row[5]}")
+            print(
+                f"                 {row['recorded_at'][:19]}  {row['action']:8s} {row['target']:5s} "
+                f"{row['model_name']} v{row['model_version']}  {row['status']}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,10 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     _say("Starting the embedded stack (moto S3/ECR/EC2/SSM emulator, MLflow, Airflow metadata)")
-    paths = stack.Paths.from_env()
+    paths = Paths.from_env()
     try:
-        env = stack.up(paths)
-    except stack.StackError as err:
+        env = bootstrap.up(paths)
+    except (SupervisorError, RuntimeError) as err:
         print(f"stack: {err}", file=sys.stderr)
         return 2
     os.environ.update(env)

@@ -13,6 +13,9 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.dataset_spec import PROJECT_ROOT
 
 SETTINGS_VARIABLE = "network_security_config"
 TRAINING_DAG_ID = "network_security_training"
@@ -105,6 +108,16 @@ class Settings:
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The local state folder (pid files, logs, SQLite stores, secrets): ``NS_STATE_DIR``, default ``<project>/.state``.
+
+    The one default for the stack scripts and the local deploy target alike, so a task run from
+    another working directory still finds the model server the stack started.
+    """
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("NS_STATE_DIR") or PROJECT_ROOT / ".state").resolve()
 
 
 def task_retry_delay(environ: Mapping[str, str] | None = None) -> int:

@@ -413,6 +413,24 @@ echo "slot $NEW now serves v$MODEL_VERSION ($IMAGE_URI); previous slot kept for 
     return ["set -euo pipefail", *variables, script.strip()]
 
 
+RUN_SHELL_SCRIPT = "AWS-RunShellScript"
+
+
+def send_commands(ssm: Any, instance_ids: list[str], commands: list[str], comment: str) -> str:
+    """Run shell ``commands`` on the instances through SSM Run Command; return the command id.
+
+    The deploy's own rollout waits on it with the provider's ``SsmRunCommandOperator``; a rollback
+    sends and does not wait (nginx switches back in a second, and the run has failed anyway).
+    """
+    sent = ssm.send_command(
+        InstanceIds=list(instance_ids),
+        DocumentName=RUN_SHELL_SCRIPT,
+        Parameters={"commands": commands},
+        Comment=comment[:100],  # SSM's limit
+    )
+    return sent["Command"]["CommandId"]
+
+
 # --- smoke test ---------------------------------------------------------------------
 
 

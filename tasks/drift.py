@@ -3,13 +3,19 @@
 * **Current**: the prediction log's last ``window_hours`` hour partitions, only the rows
   the champion served, read column-projected (features + probability) with compact dtypes
   straight into Arrow; above ``sample_cap`` rows a uniform random sample with a fixed seed.
+  The log is ``predictions/<model_name>/dt=YYYY-MM-DD/HH/`` (one folder per served model),
+  and the legacy ``predictions/dt=YYYY-MM-DD/HH/`` of a shared log is read too; an object
+  that cannot be read is skipped and counted in the summary, never a failed check.
 * **Reference**: the champion's training snapshot(s) (found through its MLflow run's
   ``lineage.json``), scored by the champion so the prediction distributions compare.
 * **Drift**: Evidently's ``DataDriftPreset(method="psi", threshold=psi_threshold)`` over the
   features and the probability; one PSI per column, read back from the report.
-* **Decision**: retrain when any feature's PSI or the prediction PSI is >= the threshold in
-  ``consecutive_checks`` checks in a row, unless a training run is active or the cooldown after
-  the last drift-triggered retrain has not passed (storm protection).
+* **Decision**: drift is one signal of the retrain rule (``tasks.retrain``): it fires when any
+  feature's PSI or the prediction PSI is >= the threshold, and the rule adds the consecutive
+  checks, active runs and the cooldown (storm protection).
+
+:func:`run_check` and :func:`decide_retraining` are the drift DAG's two steps; the DAG binds
+them to the S3 connection, MLflow and the monitoring store.
 """
 
 from __future__ import annotations
@@ -19,18 +25,21 @@ import io
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
-from tasks import storage
+from tasks import monitoring_store, retrain, storage
 from tasks.dataset_spec import PROJECT_ROOT, DatasetSpec
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
+
+    from tasks.monitoring_store import Store
+    from tasks.plan import CheckPlan
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +54,15 @@ class DriftError(RuntimeError):
 
 
 class NotEnoughData(RuntimeError):
-    """The current window holds fewer rows than ``min_rows``: no decision on too little data."""
+    """The current window holds fewer rows than ``min_rows``: no decision on too little data.
+
+    Attributes:
+        summary: What was found (champion, rows), recorded with the skipped check.
+    """
+
+    def __init__(self, reason: str, summary: dict[str, Any]) -> None:
+        super().__init__(reason)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -93,14 +110,29 @@ def load_drift_config(path: Path = DRIFT_CONFIG) -> DriftConfig:
 # --- the current window ------------------------------------------------------------------
 
 
-def window_partitions(window_end: dt.datetime, hours: int) -> list[str]:
-    """The ``dt=YYYY-MM-DD/HH`` partitions of the ``hours`` hours before ``window_end`` (exclusive).
+@dataclass(frozen=True)
+class Window:
+    """The hours a check reads: ``partitions`` (``dt=YYYY-MM-DD/HH``, oldest first) from ``start`` up to ``end``."""
+
+    start: dt.datetime
+    end: dt.datetime
+    partitions: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _partition(hour: dt.datetime) -> str:
+    return f"dt={hour:%Y-%m-%d}/{hour:%H}"
+
+
+def window(window_end: dt.datetime, hours: int) -> Window:
+    """The ``hours`` hour partitions before ``window_end`` (exclusive), and the window's bounds in UTC.
 
     An hourly run at 13:00 reads hours 12, 11, ...; a manual run at 13:20 reads hour 13 too.
     """
-    last = window_end.astimezone(dt.UTC) - dt.timedelta(microseconds=1)
-    end = last.replace(minute=0, second=0, microsecond=0)
-    return [f"dt={moment:%Y-%m-%d}/{moment:%H}" for moment in (end - dt.timedelta(hours=h) for h in range(hours))][::-1]
+    end = window_end.astimezone(dt.UTC)
+    last = (end - dt.timedelta(microseconds=1)).replace(minute=0, second=0, microsecond=0)
+    first = last - dt.timedelta(hours=hours - 1)
+    partitions = tuple(_partition(first + dt.timedelta(hours=h)) for h in range(hours))
+    return Window(start=first, end=end, partitions=partitions)
 
 
 def current_schema(spec: DatasetSpec) -> pa.Schema:
@@ -145,41 +177,67 @@ def read_object(body: bytes, key: str, schema: pa.Schema) -> pa.Table:
         table = pa_json.read_json(io.BytesIO(body), parse_options=options)
     else:
         raise ValueError(f"{key}: not a prediction-log object (expected .parquet or .jsonl)")
+    # The server writes these on every record: an object without them is not its log.
+    for name in (PREDICTION_COLUMN, MODEL_COLUMN, VERSION_COLUMN):
+        if table[name].null_count:
+            raise ValueError(f"{key}: {table[name].null_count} of {table.num_rows} record(s) have no {name!r}")
     return table.select(schema.names).cast(schema)
+
+
+class WindowRead(NamedTuple):
+    """What :func:`read_window` found."""
+
+    table: pa.Table  # the kept rows: features, probability, model name and version
+    read_rows: int  # rows read before the model filter (other models and versions share a log)
+    skipped: tuple[str, ...]  # objects that could not be read, as "<key>: <error>"
+
+
+def window_prefixes(prefix: str, model_name: str | None, partition: str) -> list[str]:
+    """Where one hour of the log lives: the model's own folder, then the legacy shared one."""
+    base = prefix.strip("/")
+    legacy = f"{base}/{partition}/" if base else f"{partition}/"
+    return ([f"{base}/{model_name}/{partition}/"] if model_name else []) + [legacy]
 
 
 def read_window(
     client: Any,
     bucket: str,
     prefix: str,
-    partitions: list[str],
+    partitions: list[str] | tuple[str, ...],
     spec: DatasetSpec,
     model: tuple[str, str] | None,
-) -> tuple[pa.Table, int]:
-    """The window's rows served by ``model`` = (registered name, version); all rows when None.
+) -> WindowRead:
+    """The window's rows served by ``model`` = (registered name, version); every legacy row when None.
 
-    Returns:
-        The table (features, probability, model name and version) and the number of rows
-        read before the model filter (other models and versions share the log).
+    Reads ``<prefix>/<model name>/<partition>/`` and the legacy ``<prefix>/<partition>/`` (records
+    there carry ``model_name``: only the model's are kept). An object that cannot be parsed is
+    skipped and reported (one bad object must not hide a day of predictions); S3 errors raise.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     schema = current_schema(spec)
-    tables, read_rows = [], 0
+    tables, read_rows, skipped = [], 0, []
     for partition in partitions:
-        base = f"{prefix.strip('/')}/{partition}/" if prefix else f"{partition}/"
-        for key in storage.list_keys(client, bucket, base):
-            # Object by object, so only the kept rows of one object are ever held twice.
-            table = read_object(storage.get_bytes(client, storage.S3Location(bucket, key)), key, schema)
-            read_rows += table.num_rows
-            if model is not None:
-                name, version = model
-                table = table.filter(
-                    pc.and_(pc.equal(table[MODEL_COLUMN], name), pc.equal(table[VERSION_COLUMN], str(version)))
-                )
-            tables.append(table)
-    return (pa.concat_tables(tables) if tables else schema.empty_table()), read_rows
+        for base in window_prefixes(prefix, model[0] if model else None, partition):
+            for key in storage.list_keys(client, bucket, base):
+                body = storage.get_bytes(client, storage.S3Location(bucket, key))
+                try:
+                    # Object by object, so only the kept rows of one object are ever held twice.
+                    table = read_object(body, key, schema)
+                except (pa.ArrowException, ValueError, KeyError) as err:
+                    log.warning("skipping unreadable prediction-log object s3://%s/%s: %s", bucket, key, err)
+                    skipped.append(f"{key}: {str(err).splitlines()[0][:200]}")
+                    continue
+                read_rows += table.num_rows
+                if model is not None:
+                    name, version = model
+                    table = table.filter(
+                        pc.and_(pc.equal(table[MODEL_COLUMN], name), pc.equal(table[VERSION_COLUMN], str(version)))
+                    )
+                tables.append(table)
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    return WindowRead(table, read_rows, tuple(skipped))
 
 
 def sample(table: pa.Table, cap: int, seed: int) -> pa.Table:
@@ -207,35 +265,27 @@ def champion_reference(tracking_uri: str, model_name: str) -> dict[str, Any]:
     Raises:
         DriftError: No champion: there is nothing to compare against yet.
     """
-    import mlflow
-    from mlflow import MlflowClient
-
-    from tasks.registry import alias_version
-    from tasks.train import CHAMPION, check_tracking_server
+    from tasks.registry import alias_lineage
+    from tasks.tracking import CHAMPION, check_tracking_server
 
     check_tracking_server(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    version = alias_version(client, model_name, CHAMPION)
-    if version is None:
+    champion = alias_lineage(tracking_uri, model_name, CHAMPION)
+    if champion is None:
         raise DriftError(
             f"registered model {model_name!r} has no champion: nothing is served, so there is no drift to "
             "measure. Run network_security_training first (make run)."
         )
-    details = client.get_model_version(model_name, version)
-    mlflow.set_tracking_uri(tracking_uri)
-    lineage = mlflow.artifacts.load_dict(f"runs:/{details.run_id}/lineage.json")
     return {
         "model_name": model_name,
-        "model_version": str(version),
-        "run_id": details.run_id,
-        "snapshot_uris": list(lineage["snapshot_uris"]),
-        "content_hashes": list(lineage.get("content_hashes", [])),
+        "model_version": champion.version,
+        "run_id": champion.run_id,
+        "snapshot_uris": list(champion.lineage["snapshot_uris"]),
+        "content_hashes": list(champion.lineage.get("content_hashes", [])),
     }
 
 
-def reference_frame(client: Any, champion: dict[str, Any], spec: DatasetSpec) -> pd.DataFrame:
+def reference_frame(client: Any, tracking_uri: str, champion: dict[str, Any], spec: DatasetSpec) -> pd.DataFrame:
     """The champion's training snapshot(s), features only, scored by the champion."""
-    import mlflow
     import pandas as pd
 
     from tasks.model_io import load_model
@@ -245,7 +295,7 @@ def reference_frame(client: Any, champion: dict[str, Any], spec: DatasetSpec) ->
         for uri in champion["snapshot_uris"]
     ]
     reference = pd.concat(frames, ignore_index=True).astype({c.name: c.dtype for c in spec.features})
-    model = load_model(mlflow.get_tracking_uri(), champion["model_name"], champion["model_version"])
+    model = load_model(tracking_uri, champion["model_name"], champion["model_version"])
     classes = list(model.classes_)
     positive = classes.index(spec.positive_class)
     reference[PREDICTION_COLUMN] = model.predict_proba(reference[spec.feature_names])[:, positive].astype("float32")
@@ -291,8 +341,13 @@ def summarize(
     window: dict[str, Any],
     rows: dict[str, int],
     champion: dict[str, Any],
+    skipped_objects: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
-    """The JSON summary of one check (what the drift DAG stores, logs and decides on)."""
+    """The JSON summary of one check (what the drift DAG stores, logs and decides on).
+
+    ``skipped_objects`` are the prediction-log objects that could not be read (counted, and the
+    first ten named, so a broken writer shows up without failing the check).
+    """
     features = {k: round(v, 6) for k, v in psi.items() if k != PREDICTION_COLUMN}
     drifted = sorted((k for k, v in features.items() if v >= threshold), key=lambda k: -features[k])
     prediction_psi = round(psi[PREDICTION_COLUMN], 6)
@@ -309,68 +364,27 @@ def summarize(
         "sampled": rows["evaluated"] < rows["current"],
         "champion": {k: champion[k] for k in ("model_name", "model_version", "run_id")},
         "reference_snapshots": champion["snapshot_uris"],
+        "skipped_objects": {"count": len(skipped_objects), "first": list(skipped_objects[:10])},
     }
 
 
 # --- the decision ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Decision:
-    trigger: bool
-    outcome: str  # retrain | no_drift | drift_pending | training_active | cooldown
-    reason: str
-
-
-def decide(
-    drift_detected: bool,
-    previous_detections: list[bool],
-    *,
-    consecutive_checks: int,
-    active_training_runs: int,
-    last_trigger_at: dt.datetime | None,
-    window_end: dt.datetime,
-    cooldown: dt.timedelta,
-) -> Decision:
-    """The retrain rule with storm protection.
-
-    Args:
-        drift_detected: This check found a PSI >= the threshold.
-        previous_detections: ``drift_detected`` of the previous checks, newest first.
-        consecutive_checks: Checks in a row that must detect drift (K).
-        active_training_runs: Queued or running training runs right now.
-        last_trigger_at: Window end of the last check that triggered a retrain.
-        window_end: This check's window end.
-        cooldown: Quiet time after a drift-triggered retrain.
-    """
-    if not drift_detected:
-        return Decision(False, "no_drift", "no feature PSI and no prediction PSI at or above the threshold")
-    streak = 1
-    for detected in previous_detections:
-        if not detected or streak >= consecutive_checks:
-            break
-        streak += 1
-    if streak < consecutive_checks:
-        return Decision(False, "drift_pending", f"drift in {streak} of the {consecutive_checks} consecutive checks")
-    if active_training_runs:
-        return Decision(
-            False,
-            "training_active",
-            f"{active_training_runs} training run(s) queued or running: not triggering another",
-        )
-    if last_trigger_at is not None and window_end - last_trigger_at < cooldown:
-        until = last_trigger_at + cooldown
-        return Decision(
-            False,
-            "cooldown",
-            f"cooldown after the retrain triggered at {last_trigger_at:%Y-%m-%dT%H:%M}Z, until {until:%Y-%m-%dT%H:%M}Z",
-        )
-    return Decision(True, "retrain", f"drift in {streak} consecutive check(s)")
-
-
-def trigger_run_id(dataset: str, window_end: dt.datetime) -> str:
-    """One training run per drift window: a retried trigger finds it and creates nothing."""
-    return f"drift__{dataset}__{window_end.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%S}"
+def drift_signal(summary: dict[str, Any], history: list[bool], consecutive: int) -> retrain.Signal:
+    """This check's drift as a signal of the retrain rule (``history``: previous checks, newest first)."""
+    return retrain.Signal(
+        kind="drift",
+        fired=bool(summary["drift_detected"]),
+        history=tuple(history),
+        consecutive=consecutive,
+        reason=retrain_reason(summary),
+        evidence={
+            "drift_report_uri": summary.get("report_uri"),
+            "max_psi": summary["max_psi"],
+            "drifted_features": list(summary["drifted_features"]),
+        },
+    )
 
 
 def retrain_reason(summary: dict[str, Any]) -> str:
@@ -412,3 +426,186 @@ def write_outputs(client: Any, bucket: str, prefix: str, html: bytes, summary: d
         "report_uri": storage.put_bytes(client, base.child("report.html"), html, content_type="text/html"),
         "summary_uri": storage.put_bytes(client, base.child("metrics.json"), json.dumps(summary, indent=2).encode()),
     }
+
+
+# --- the drift DAG's steps ----------------------------------------------------------------------
+
+
+def run_folder(dag_run_id: str) -> str:
+    """A DAG run id as an S3 folder name (``:`` and ``+`` of manual run ids become ``_``)."""
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in dag_run_id)
+
+
+def run_check(client: Any, store: Store, plan: CheckPlan, dag_run_id: str) -> dict[str, Any]:
+    """The check: the window against the champion's training data; report and summary to S3 and MLflow.
+
+    Args:
+        client: boto3 S3 client (prediction log, snapshots, reports).
+        store: The monitoring store (a skipped check is recorded there).
+        plan: The check's plan.
+        dag_run_id: The drift DAG run (names the report folder and the monitoring run).
+
+    Returns:
+        The summary (PSI per column, decision inputs, report URIs, the monitoring run's URLs).
+
+    Raises:
+        DriftError: No champion (nothing to compare against): not worth retrying.
+        NotEnoughData: Fewer than ``min_rows`` current rows; the skipped check is recorded first.
+    """
+    config = plan.config
+    spec = plan.spec
+    tracking_uri = plan.settings.mlflow_tracking_uri
+    champion = champion_reference(tracking_uri, plan.model_name)
+    current = read_window(
+        client,
+        plan.settings.lake_bucket,
+        "predictions",
+        plan.partitions,
+        spec,
+        (champion["model_name"], champion["model_version"]),
+    )
+    rows = current.table.num_rows
+    if rows < config.min_rows:
+        reason = (
+            f"{rows} predictions of champion v{champion['model_version']} in the window "
+            f"({current.read_rows} read; minimum {config.min_rows}): no decision on too little data"
+        )
+        found = {"champion": champion, "rows": {"current": rows}}
+        record_check(store, plan, dag_run_id, found, retrain.Decision(False, "skipped", reason))
+        raise NotEnoughData(reason, found)
+    evaluated = sample(current.table, config.sample_cap, config.sample_seed)
+    reference = reference_frame(client, tracking_uri, champion, spec)
+    snapshot, psi = psi_report(reference, to_frame(evaluated, spec), spec, config.psi_threshold)
+    summary = summarize(
+        psi,
+        config.psi_threshold,
+        window={"start": plan.window_start, "end": plan.window_end, "partitions": len(plan.partitions)},
+        rows={"current": rows, "evaluated": evaluated.num_rows, "reference": len(reference)},
+        champion=champion,
+        skipped_objects=current.skipped,
+    )
+    html = render_html(snapshot)
+    prefix = f"drift/{plan.dataset}/{run_folder(dag_run_id)}"
+    summary.update(write_outputs(client, plan.settings.lake_bucket, prefix, html, summary))
+    summary.update(log_monitoring_run(plan, summary, html, dag_run_id))
+    log.info(
+        "drift: max PSI %.3f, prediction PSI %.3f, drifted %s (%d of %d rows evaluated, %d object(s) skipped)",
+        summary["max_psi"],
+        summary["prediction_psi"],
+        summary["drifted_features"],
+        evaluated.num_rows,
+        rows,
+        len(current.skipped),
+    )
+    return summary
+
+
+def log_monitoring_run(plan: CheckPlan, summary: dict[str, Any], html: bytes, dag_run_id: str) -> dict[str, str]:
+    """A run of the monitoring experiment with the PSI metrics, the summary and the report.
+
+    Returns:
+        ``mlflow_run_id``, ``mlflow_run_url`` and ``report_url`` (the report, served by MLflow).
+    """
+    import mlflow
+
+    tracking_uri = plan.settings.mlflow_tracking_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(plan.config.monitoring_experiment)
+    champion = summary["champion"]
+    with mlflow.start_run(run_name=f"drift {plan.window_end[:16]}") as run:
+        mlflow.set_tags(
+            {
+                "airflow_dag_run_id": dag_run_id,
+                "dataset": plan.dataset,
+                "model_name": champion["model_name"],
+                "champion_version": champion["model_version"],
+                "champion_run_id": champion["run_id"],
+                "report_uri": summary["report_uri"],
+            }
+        )
+        mlflow.log_params(
+            {
+                "psi_threshold": summary["psi_threshold"],
+                "window_start": plan.window_start,
+                "window_end": plan.window_end,
+                "sampled": summary["sampled"],
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "max_psi": summary["max_psi"],
+                "prediction_psi": summary["prediction_psi"],
+                "drifted_share": summary["drifted_share"],
+                "current_rows": summary["rows"]["current"],
+                "evaluated_rows": summary["rows"]["evaluated"],
+                "skipped_objects": summary["skipped_objects"]["count"],
+                **{f"psi.{name}": value for name, value in summary["feature_psi"].items()},
+            }
+        )
+        mlflow.log_dict(summary, "drift/metrics.json")
+        mlflow.log_text(html.decode(), "drift/report.html")
+        info = run.info
+    return {
+        "mlflow_run_id": info.run_id,
+        "mlflow_run_url": storage.mlflow_run_url(tracking_uri, info.experiment_id, info.run_id),
+        "report_url": storage.mlflow_artifact_url(tracking_uri, info.run_id, "drift/report.html"),
+    }
+
+
+def record_check(
+    store: Store, plan: CheckPlan, dag_run_id: str, summary: dict[str, Any] | None, decision: retrain.Decision
+) -> None:
+    """The check's row in ``drift_check``, with its decision and the run it triggered."""
+    row = monitoring_store.drift_check_row(
+        dag_run_id=dag_run_id,
+        dataset=plan.dataset,
+        model_name=plan.model_name,
+        window_start=plan.window_start,
+        window_end=plan.window_end,
+        summary=summary,
+        decision=decision.outcome,
+        reason=decision.reason,
+        checked_at=monitoring_store.now(),
+        triggered_run_id=decision.run_id,
+    )
+    monitoring_store.write(store, "drift_check", [row])
+
+
+def decide_retraining(
+    client: Any, store: Store, plan: CheckPlan, summary: dict[str, Any], dag_run_id: str, active_training_runs: int
+) -> retrain.Decision:
+    """Apply the retrain rule to this check's drift; record the check and, when it triggers, the retrain.
+
+    The history (consecutive checks) and the last triggered retrain (the cooldown) come from the
+    monitoring store, filtered by dataset in SQL; the run's ``ds`` is the newest labelled day.
+    """
+    config = plan.config
+    history = monitoring_store.drift_history(store, plan.dataset, plan.window_end, limit=config.consecutive_checks)
+    guard = retrain.StormGuard(
+        active_training_runs=active_training_runs,
+        last_retrain_at=monitoring_store.last_retrain_at(store, plan.dataset, plan.window_end),
+        cooldown=dt.timedelta(minutes=config.cooldown_minutes),
+    )
+    decision = retrain.decide(
+        [drift_signal(summary, history, config.consecutive_checks)],
+        dataset=plan.dataset,
+        window_end=plan.window_end_time,
+        guard=guard,
+        labelled_day=newest_labelled_day(
+            client, plan.settings.raw_bucket, plan.raw_prefix, plan.window_end_time.date().isoformat()
+        ),
+        window_days=config.retrain_window_days,
+    )
+    if decision.trigger:
+        row = monitoring_store.retrain_row(
+            run_id=decision.run_id,
+            model_name=plan.model_name,
+            conf=decision.conf,
+            window_end=plan.window_end,
+            source_dag_run_id=dag_run_id,
+            requested_at=monitoring_store.now(),
+        )
+        monitoring_store.write(store, "retrain_log", [row])
+    record_check(store, plan, dag_run_id, summary, decision)
+    log.info("drift decision: %s (%s)", decision.outcome, decision.reason)
+    return decision

@@ -9,7 +9,8 @@ workers and can be logged as artifacts without touching the file system.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,22 @@ def classification_metrics(
         metrics["roc_auc"] = float(roc_auc_score(is_positive, scores))
         metrics["pr_auc"] = float(average_precision_score(is_positive, scores))
     return {name: metrics[name] for name in METRICS}
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else None (NaN, inf, None, bools, text)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics that are finite numbers (what MLflow and the promotion log can store)."""
+    return {name: number for name, value in metrics.items() if (number := finite(value)) is not None}
 
 
 def positive_scores(model: Any, frame: Any, positive_class: Any) -> np.ndarray:

@@ -13,20 +13,42 @@ rerun of a day overwrites the same keys and a backfill is safe::
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
 from tasks.config import Settings
 from tasks.dataset_spec import DatasetSpec
-from tasks.storage import S3Location
+from tasks.storage import S3Location, parse_s3_uri
+
+# The files of a day's features folder (written by tasks.transform, read by train, evaluate, smoke test).
+TRAIN_SPLIT = "train.parquet"
+TEST_SPLIT = "test.parquet"
+PREPROCESSOR = "preprocessor.skops"
+MANIFEST = "manifest.json"
+_CANONICAL_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def check_ds(ds: str) -> str:
-    """Return ``ds`` if it is an ISO date (YYYY-MM-DD), else raise a clear error."""
+    """Return ``ds`` if it is a day in the canonical form YYYY-MM-DD, else raise a clear error.
+
+    ``date.fromisoformat`` alone also accepts ``20260131`` and ``2026-W05-2`` (Python 3.11),
+    which would write partitions named ``ds=20260131`` that no later step finds.
+
+    Raises:
+        ValueError: ``ds`` is not a real day written as YYYY-MM-DD.
+    """
     try:
+        if not isinstance(ds, str) or not _CANONICAL_DAY.fullmatch(ds):
+            raise ValueError("not YYYY-MM-DD")
         dt.date.fromisoformat(ds)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"ds must be a date like 2026-01-31, got {ds!r}") from err
+    except ValueError as err:
+        raise ValueError(f"ds must be a day written YYYY-MM-DD (e.g. 2026-01-31), got {ds!r}") from err
     return ds
+
+
+def features_file(features_uri: str, name: str) -> str:
+    """The URI of one file (``TRAIN_SPLIT``, ``TEST_SPLIT``, ...) of a features folder given by its URI."""
+    return parse_s3_uri(features_uri).child(name).uri
 
 
 @dataclass(frozen=True)
@@ -75,3 +97,11 @@ class DayLayout:
     @property
     def features_dir(self) -> S3Location:
         return self._lake("features")
+
+    @property
+    def train_split(self) -> S3Location:
+        return self.features_dir.child(TRAIN_SPLIT)
+
+    @property
+    def test_split(self) -> S3Location:
+        return self.features_dir.child(TEST_SPLIT)

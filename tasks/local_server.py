@@ -1,9 +1,10 @@
 """The local deploy target: a real uvicorn process of the serving app on loopback.
 
-Embedded mode's stand-in for the EC2 host. The process outlives the task that started
-it (its own session, a pid file under the state folder) and follows the registry alias
-``champion``; a release asks it to reload (``POST /admin/reload``), which swaps the model
-in-process without dropping a request, and the old version stays in the registry as
+Embedded mode's stand-in for the EC2 host. The process outlives the task that started it
+(a session of its own, a pid file and a log under ``<NS_STATE_DIR>/serving``, run by the
+project's one supervisor, ``tasks.supervisor``) and follows the registry alias ``champion``;
+a release asks it to reload (``POST /admin/reload``), which swaps the model in-process
+without dropping a request, and the old version stays in the registry as
 ``previous_champion`` for rollback.
 """
 
@@ -12,22 +13,71 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.dataset_spec import PROJECT_ROOT
+from tasks.supervisor import Service, Supervisor, SupervisorError, http_ok
+from tasks.tracking import CHAMPION
 
 log = logging.getLogger(__name__)
+
+# The serving app's prediction log waits up to 10 s for S3 when it closes: a stop gives it more.
+STOP_TIMEOUT_SECONDS = 30.0
+# boto3 keyword arguments (what the AWS connection yields) -> the environment the server's boto3 reads.
+AWS_ENVIRONMENT = {
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
+    "region_name": "AWS_DEFAULT_REGION",
+    "endpoint_url": "AWS_ENDPOINT_URL",
+}
 
 
 class LocalServerError(RuntimeError):
     """The local model server could not be started, reached or reloaded."""
+
+
+def model_server_service(host: str, port: int, environment: Mapping[str, str], name: str | None = None) -> Service:
+    """The model server as a supervised service (``python -m serving``; healthy when ``/health`` answers)."""
+    return Service(
+        name=name or f"serving-{port}",
+        command=[sys.executable, "-m", "serving", "--host", host, "--port", str(port)],
+        port=port,
+        port_variable="SERVING_PORT",
+        health_path="/health",
+        environment={"PYTHONPATH": str(PROJECT_ROOT), **environment},
+        host=host,
+        cwd=PROJECT_ROOT,
+        start_timeout=120.0,
+        stop_timeout=STOP_TIMEOUT_SECONDS,
+        start_hint="make deploy",
+    )
+
+
+def serving_environment(
+    *,
+    tracking_uri: str,
+    model_name: str,
+    dataset: str,
+    api_key: str,
+    prediction_log_bucket: str,
+    aws_options: Mapping[str, Any],
+    alias: str = CHAMPION,
+) -> dict[str, str]:
+    """The serving app's environment (``serving.config``) for one model, AWS access included."""
+    return {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MODEL_NAME": model_name,
+        "MODEL_ALIAS": alias,
+        "DATASET": dataset,
+        "API_KEY": api_key,
+        "PREDICTION_LOG_BUCKET": prediction_log_bucket,
+        **{AWS_ENVIRONMENT[k]: str(v) for k, v in aws_options.items() if v and k in AWS_ENVIRONMENT},
+    }
 
 
 @dataclass(frozen=True)
@@ -35,32 +85,42 @@ class LocalServer:
     """One local model server: where it listens, its state folder and its environment.
 
     Attributes:
-        state_dir: Folder for the pid file and the log (``<NS_STATE_DIR>/serving``).
+        state_dir: Folder of the pid file and the log (``<NS_STATE_DIR>/serving``).
         host: Interface (loopback).
         port: Port.
         environment: Variables of the serving process (``serving.config``), API key included.
+        owner_id: Marks the process as the stack's (the stack's state folder).
     """
 
     state_dir: Path
     host: str
     port: int
     environment: dict[str, str]
+    owner_id: str = ""
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def service(self) -> Service:
+        return model_server_service(self.host, self.port, self.environment)
+
+    @property
+    def supervisor(self) -> Supervisor:
+        return Supervisor(self.state_dir, self.state_dir, self.owner_id or str(self.state_dir.parent))
+
+    @property
     def pid_file(self) -> Path:
-        return self.state_dir / f"serving-{self.port}.pid"
+        return self.supervisor.pid_file(self.service)
 
     @property
     def log_file(self) -> Path:
-        return self.state_dir / f"serving-{self.port}.log"
+        return self.supervisor.log_file(self.service)
 
     @property
     def fingerprint_file(self) -> Path:
-        return self.state_dir / f"serving-{self.port}.fingerprint"
+        return self.state_dir / f"{self.service.name}.fingerprint"
 
     @property
     def fingerprint(self) -> str:
@@ -69,29 +129,13 @@ class LocalServer:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def pid(self) -> int | None:
-        """The pid from the pid file when that process is alive (a stale file is removed)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            self.pid_file.unlink(missing_ok=True)
-            return None
-        except PermissionError:
-            pass
-        return pid
+        """The pid from the pid file when that process is ours and alive (a stale file is removed)."""
+        return self.supervisor.pid(self.service)
 
     def healthy(self) -> bool:
-        import httpx
+        return http_ok(f"{self.url}/health")
 
-        try:
-            return httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def ensure_started(self, timeout: float = 120.0) -> str:
+    def ensure_started(self) -> str:
         """Start the server unless ours already answers; wait until ``/health`` does.
 
         A server of ours started with another environment (another model name, tracking
@@ -111,39 +155,15 @@ class LocalServer:
             log.info("model server at %s runs with another configuration: restarting it", self.url)
             self.stop()
             outcome = "restarted"
-        if self.healthy():
-            raise LocalServerError(
-                f"{self.url} answers but was not started by this project (no live pid in {self.pid_file}); "
-                "stop that program or choose another port (NS_SERVING_PORT)"
-            )
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log_stream:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "serving", "--host", self.host, "--port", str(self.port)],
-                cwd=PROJECT_ROOT,
-                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **self.environment},
-                stdout=log_stream,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pid_file.write_text(str(process.pid))
         self.fingerprint_file.write_text(self.fingerprint)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                self.pid_file.unlink(missing_ok=True)
-                raise LocalServerError(
-                    f"model server exited with code {process.returncode} at start-up; see {self.log_file}:\n"
-                    + _tail(self.log_file)
-                )
-            if self.healthy():
-                log.info("model server %s at %s (pid %s, log %s)", outcome, self.url, process.pid, self.log_file)
-                return outcome
-            time.sleep(0.3)
-        self.stop()
-        raise LocalServerError(
-            f"model server did not answer {self.url}/health within {timeout:.0f} s; see {self.log_file}"
-        )
+        try:
+            started = self.supervisor.start(self.service)
+        except SupervisorError as err:
+            self.stop()  # a server that did not come up healthy is not left half-started
+            raise LocalServerError(f"model server at {self.url}: {err}") from err
+        log.info("model server %s at %s: %s (log %s)", outcome, self.url, started, self.log_file)
+        return outcome
 
     def _fingerprint_on_disk(self) -> str | None:
         try:
@@ -163,30 +183,6 @@ class LocalServer:
             raise LocalServerError(f"{self.url}/admin/reload answered {response.status_code}: {response.text[:300]}")
         return response.json()
 
-    def stop(self, timeout: float = 20.0) -> str:
-        """SIGTERM (the server flushes its prediction log), SIGKILL after ``timeout``."""
-        pid = self.pid()
-        if pid is None:
-            return "not running"
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            os.killpg(pid, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
-        return "stopped"
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    def stop(self) -> str:
+        """SIGTERM (the server flushes its prediction log), SIGKILL after ``STOP_TIMEOUT_SECONDS``."""
+        return self.supervisor.stop(self.service)

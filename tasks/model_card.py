@@ -7,10 +7,10 @@ what the gate decided and why, what triggered the run, and what the numbers do n
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
+from tasks.evaluate import finite
 from tasks.gate import METRICS, GateDecision
 
 NOT_AVAILABLE = "n/a"
@@ -126,8 +126,8 @@ def _metrics_section(
         "|---|---:|---:|---:|",
     ]
     for metric in METRICS:
-        challenger_value = _finite(challenger_metrics.get(metric))
-        champion_value = _finite(champion_metrics.get(metric)) if champion_metrics else None
+        challenger_value = finite(challenger_metrics.get(metric))
+        champion_value = finite(champion_metrics.get(metric)) if champion_metrics else None
         if challenger_value is None or champion_value is None:
             delta = NOT_AVAILABLE
         else:
@@ -187,18 +187,8 @@ def _limitations_section(spec_dict: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _finite(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _number(value: Any) -> str:
-    number = _finite(value)
+    number = finite(value)
     return NOT_AVAILABLE if number is None else f"{number:.4f}"
 
 

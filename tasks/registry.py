@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from tasks.dataset_spec import DatasetSpec
 from tasks.evaluate import (
@@ -23,29 +22,58 @@ from tasks.evaluate import (
     roc_curve_png,
 )
 from tasks.gate import GateRule, decide
+from tasks.layout import TEST_SPLIT, features_file
 from tasks.model_card import render_model_card
 from tasks.model_io import load_model
-from tasks.train import CHAMPION, PREVIOUS_CHAMPION, check_tracking_server
+from tasks.tracking import CHAMPION, PREVIOUS_CHAMPION, alias_version, check_tracking_server
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 
-def alias_version(client: Any, model_name: str, alias: str) -> str | None:
-    """The version an alias points at, or None when the alias (or the model) does not exist."""
-    from mlflow.exceptions import MlflowException
+@dataclass(frozen=True)
+class AliasedVersion:
+    """The version an alias points at, with the run that logged it and that run's ``lineage.json``.
 
-    try:
-        return str(client.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
+    Attributes:
+        model_name: Registered model name.
+        version: Model version.
+        run_id: The MLflow run that logged the version.
+        lineage: The run's ``lineage.json`` (ds, snapshot URIs and hashes, features URI, ...).
+        tags: The version's tags (``content_sha256``, ``rolled_back``, ...).
+    """
+
+    model_name: str
+    version: str
+    run_id: str
+    lineage: dict[str, Any]
+    tags: dict[str, str]
 
 
-def load_version(model_name: str, version: str) -> Any:
+def alias_lineage(tracking_uri: str, model_name: str, alias: str) -> AliasedVersion | None:
+    """The version ``alias`` points at and the lineage of its training run; None when the alias is not set.
+
+    The one lookup behind the deploy's release (the held-out split) and the drift check's
+    reference (the training snapshots).
+    """
     import mlflow
+    from mlflow import MlflowClient
 
-    return load_model(mlflow.get_tracking_uri(), model_name, version)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    version = alias_version(client, model_name, alias)
+    if version is None:
+        return None
+    details = client.get_model_version(model_name, version)
+    mlflow.set_tracking_uri(tracking_uri)
+    lineage = mlflow.artifacts.load_dict(f"runs:/{details.run_id}/lineage.json")
+    return AliasedVersion(model_name, str(version), details.run_id, dict(lineage), dict(details.tags or {}))
+
+
+def load_version(tracking_uri: str, model_name: str, version: str) -> Any:
+    """A registered version, through the skops-only loader (``tasks.model_io.load_model``)."""
+    return load_model(tracking_uri, model_name, version)
 
 
 def score(model: Any, test: pd.DataFrame, spec: DatasetSpec) -> tuple[dict[str, float], Any, Any]:
@@ -85,12 +113,14 @@ def evaluate_challenger(
     challenger_version = training["model_version"]
     champion_version = alias_version(client, model_name, CHAMPION)
 
-    challenger = load_version(model_name, challenger_version)
+    challenger = load_version(tracking_uri, model_name, challenger_version)
     challenger_metrics, predictions, challenger_scores = score(challenger, test, spec)
     curves = {f"challenger v{challenger_version}": challenger_scores}
     champion_metrics = None
     if champion_version is not None:
-        champion_metrics, _, champion_scores = score(load_version(model_name, champion_version), test, spec)
+        champion_metrics, _, champion_scores = score(
+            load_version(tracking_uri, model_name, champion_version), test, spec
+        )
         curves[f"champion v{champion_version}"] = champion_scores
     decision = decide(rule, challenger_metrics, champion_metrics, force=force, force_reason=force_reason)
     log.info("gate: %s (%s)", decision.decision, "; ".join(decision.reasons))
@@ -224,23 +254,18 @@ def release_info(*, tracking_uri: str, model_name: str, alias: str = CHAMPION) -
     Raises:
         LookupError: The alias is not set.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     check_tracking_server(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    version = alias_version(client, model_name, alias)
-    if version is None:
+    aliased = alias_lineage(tracking_uri, model_name, alias)
+    if aliased is None:
         raise LookupError(f"registered model {model_name!r} has no {alias!r} alias: train and promote a model first")
-    details = client.get_model_version(model_name, version)
-    run = client.get_run(details.run_id)
-    mlflow.set_tracking_uri(tracking_uri)
-    lineage = mlflow.artifacts.load_dict(f"runs:/{details.run_id}/lineage.json")
+    run = MlflowClient(tracking_uri=tracking_uri).get_run(aliased.run_id)
     return {
         "model_name": model_name,
-        "model_version": str(version),
-        "run_id": details.run_id,
+        "model_version": aliased.version,
+        "run_id": aliased.run_id,
         "git_sha": run.data.tags.get("git_sha", ""),
-        "content_sha256": (details.tags or {}).get("content_sha256", ""),
-        "test_uri": lineage["features_uri"].rstrip("/") + "/test.parquet",
+        "content_sha256": aliased.tags.get("content_sha256", ""),
+        "test_uri": features_file(aliased.lineage["features_uri"], TEST_SPLIT),
     }

@@ -11,9 +11,7 @@ drift DAG compares live traffic against.
 from __future__ import annotations
 
 import logging
-import math
 import subprocess
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,20 +21,17 @@ import pandas as pd
 import yaml
 
 from tasks.dataset_spec import CATEGORICAL, PROJECT_ROOT, DatasetSpec
+from tasks.evaluate import finite_metrics as _finite
 from tasks.evaluate import positive_scores
 from tasks.gate import GateRule
 from tasks.model_io import SKOPS_TRUSTED_TYPES
+from tasks.tracking import CHALLENGER, check_tracking_server
 
 log = logging.getLogger(__name__)
 
 TRAINING_CONFIG = PROJECT_ROOT / "include" / "training.yaml"
-CHALLENGER, CHAMPION, PREVIOUS_CHAMPION = "challenger", "champion", "previous_champion"
 CV_METRICS = ("roc_auc", "pr_auc", "f1", "precision", "recall", "accuracy")
 SCORE_BINS = 10
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server cannot be reached; transient, the task should be retried."""
 
 
 @dataclass(frozen=True)
@@ -199,27 +194,6 @@ def serving_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy")]
-
-
-def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
-    """Fail fast and clearly when the MLflow server is down (MLflow's own client retries for minutes)."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            problem = f"answered HTTP {response.status}"
-    except OSError as err:
-        problem = f"is unreachable ({err})"
-    raise TrackingUnavailable(
-        f"MLflow tracking server {tracking_uri} {problem}. In embedded mode start it with `make stack-up`; "
-        "otherwise check `mlflow_tracking_uri` in the network_security_config Variable."
-    )
-
-
-def _finite(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
 
 
 def train_and_register(

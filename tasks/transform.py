@@ -25,7 +25,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from tasks import storage
 from tasks.dataset_spec import CATEGORICAL, NUMERIC, DatasetSpec
-from tasks.layout import DayLayout
+from tasks.layout import MANIFEST, PREPROCESSOR, DayLayout
 from tasks.model_io import dump_skops, load_skops
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,9 @@ def transform_day(client: Any, layout: DayLayout, test_size: float, seed: int, w
     train, test = split(frame, spec, test_size, seed)
     preprocessor = build_preprocessor(spec).fit(train[spec.feature_names])
     out = layout.features_dir
-    train_uri = storage.write_parquet(client, out.child("train.parquet"), train)
-    test_uri = storage.write_parquet(client, out.child("test.parquet"), test)
-    preprocessor_uri = storage.put_bytes(client, out.child("preprocessor.skops"), dump_skops(preprocessor))
+    train_uri = storage.write_parquet(client, layout.train_split, train)
+    test_uri = storage.write_parquet(client, layout.test_split, test)
+    preprocessor_uri = storage.put_bytes(client, out.child(PREPROCESSOR), dump_skops(preprocessor))
     target = spec.target.name
     snapshots = {
         "snapshot_uris": [m["snapshot_uri"] for m in manifests],
@@ -122,7 +122,7 @@ def transform_day(client: Any, layout: DayLayout, test_size: float, seed: int, w
         "test_positive_share": float((test[target] == spec.positive_class).mean()),
         "feature_names_out": [str(n) for n in preprocessor.get_feature_names_out()],
     }
-    manifest_uri = storage.put_json(client, out.child("manifest.json"), manifest)
+    manifest_uri = storage.put_json(client, out.child(MANIFEST), manifest)
     log.info("features %s: %d train / %d test rows from %d snapshot(s)", out.uri, len(train), len(test), len(manifests))
     return {
         "features_uri": out.uri + "/",

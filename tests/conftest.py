@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import stack
+from scripts import bootstrap, services, stack
 
 _AWS_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
@@ -28,9 +28,9 @@ def _free_port() -> int:
 
 
 STATE_DIR = Path(tempfile.mkdtemp(prefix="ns-test-stack-"))
-PATHS = stack.Paths(STATE_DIR)
-PORTS = stack.Ports(moto=_free_port(), mlflow=_free_port(), airflow=_free_port(), serving=_free_port())
-STACK_ENV = stack.stack_environment(PATHS, PORTS)
+PATHS = services.Paths(STATE_DIR)
+PORTS = services.Ports(moto=_free_port(), mlflow=_free_port(), airflow=_free_port(), serving=_free_port())
+STACK_ENV = services.stack_environment(PATHS, PORTS)
 # AWS_* stay out of this process's environment: unit tests use moto's in-process mock,
 # which an AWS_ENDPOINT_URL would bypass. Integration tests build explicit clients.
 os.environ.update({k: v for k, v in STACK_ENV.items() if k not in _AWS_KEYS})
@@ -41,17 +41,34 @@ os.environ["NS_RETRY_DELAY_SECONDS"] = "1"
 def local_stack():
     """The private stack, started once per session and stopped (state deleted) at the end."""
     try:
-        stack.up(PATHS, PORTS)
+        bootstrap.up(PATHS, PORTS)
         yield STACK_ENV
     finally:
         stack.down(PATHS, PORTS)
         shutil.rmtree(STATE_DIR, ignore_errors=True)
 
 
+@pytest.fixture
+def aws_isolation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Environment for moto's in-process mock: no emulator endpoint, profile or real credentials leak in.
+
+    moto only intercepts requests addressed to AWS, so an ``AWS_ENDPOINT_URL`` from the stack or
+    the developer's shell would send them past the mock. The one copy of this setup: the unit
+    fixtures of tests/tasks (and any other suite mocking AWS) build on it.
+    """
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
 @pytest.fixture(scope="session")
 def s3(local_stack):
     """A boto3 S3 client on the private emulator."""
-    return stack.s3_client(local_stack)
+    return services.s3_client(local_stack)
 
 
 def pytest_sessionfinish(session, exitstatus):

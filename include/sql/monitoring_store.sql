@@ -87,3 +87,19 @@ CREATE TABLE IF NOT EXISTS quality_check (
     checked_at             TEXT NOT NULL,
     PRIMARY KEY (dag_run_id)
 );
+
+-- One row per training run a check triggered, whatever the signal (drift today; live quality
+-- later): the one cooldown counts from the newest window_end here, and `make run` reads the
+-- queued run's conf back from it. Written by the deciding task before the trigger runs.
+CREATE TABLE IF NOT EXISTS retrain_log (
+    run_id              TEXT NOT NULL,      -- the training run's (idempotent) id
+    dataset             TEXT NOT NULL,
+    model_name          TEXT NOT NULL,
+    signals             TEXT NOT NULL,      -- JSON list: drift, ...
+    reason              TEXT NOT NULL,
+    conf_json           TEXT NOT NULL,      -- the training run's conf
+    window_end          TEXT NOT NULL,      -- ISO 8601, UTC: the deciding check's window end
+    source_dag_run_id   TEXT NOT NULL,      -- the check that decided
+    requested_at        TEXT NOT NULL,      -- ISO 8601, UTC
+    PRIMARY KEY (run_id)
+);

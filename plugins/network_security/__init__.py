@@ -1,7 +1,7 @@
-"""Airflow-side glue for the network-security DAGs.
+"""Airflow adapters for the network-security DAGs: no decision lives here.
 
-``tasks/`` holds the logic and knows nothing of Airflow; this package holds the few
-pieces that do: reading settings from Variables and run conf, S3 clients from the AWS
-connection, turning rejected data into a non-retried failure, and the GX operator.
-Airflow puts ``plugins/`` on ``sys.path``, so DAGs import it as ``network_security``.
+``tasks/`` holds every rule and knows nothing of Airflow; this package binds it to Airflow:
+settings from the Variable, clients and stores from connections, domain errors as Airflow's,
+the GX operator, the deploy group's wiring, links, alerts, assets. Airflow puts ``plugins/`` on
+``sys.path``, so DAGs import it as ``network_security``.
 """

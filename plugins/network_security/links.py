@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 
 def _return_value(ti_key: TaskInstanceKey) -> Any:
-    from airflow.sdk.execution_time.xcom import XCom
+    from airflow.sdk import BaseXCom
 
-    return XCom.get_value(ti_key=ti_key, key="return_value")
+    return BaseXCom.get_value(ti_key=ti_key, key="return_value")
 
 
 class _ResultFieldLink(BaseOperatorLink):

@@ -13,6 +13,8 @@ from network_security.links import ValidationResultLink
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from tasks.plan import RunPlan
+
 
 class SnapshotValidationOperator(GXValidateBatchOperator):
     """Validate the day's snapshot in S3 with the dataset's GX suite.
@@ -37,23 +39,22 @@ class SnapshotValidationOperator(GXValidateBatchOperator):
             **kwargs,
         )
         self.plan_task_id = plan_task_id
-        self._plan: dict[str, Any] | None = None
+        self._plan: RunPlan | None = None
 
     def _batch_definition(self, gx_context: Any) -> Any:
         from tasks.validate import snapshot_batch_definition
 
-        layout = runtime.layout_of(self._plan)
-        return snapshot_batch_definition(gx_context, layout.snapshot, runtime.boto3_options(self._plan))
+        return snapshot_batch_definition(gx_context, self._plan.layout.snapshot, runtime.aws_options(self._plan))
 
     def _expectations(self, gx_context: Any) -> Any:
         from tasks.validate import expectation_suite
 
-        return expectation_suite(runtime.layout_of(self._plan).spec)
+        return expectation_suite(self._plan.spec)
 
     def execute(self, context: Context) -> str:
         from tasks.validate import describe_failures, write_validation_result
 
-        self._plan = context["ti"].xcom_pull(task_ids=self.plan_task_id)
+        self._plan = plan = runtime.run_plan(context["ti"].xcom_pull(task_ids=self.plan_task_id))
         # Rebind to this instance: Airflow runs a copy of the operator built at parse time,
         # and the callables given to __init__ are bound to the original.
         self.configure_batch_definition = self._batch_definition
@@ -62,8 +63,7 @@ class SnapshotValidationOperator(GXValidateBatchOperator):
             super().execute(context)
         except GXValidationFailed as failure:
             result = context["ti"].xcom_pull(task_ids=self.task_id)
-            result_uri = write_validation_result(runtime.s3_client(self._plan), runtime.layout_of(self._plan), result)
+            result_uri = write_validation_result(runtime.s3(plan), plan.layout, result)
             reasons = "; ".join(describe_failures(result)) or str(failure)
-            runtime.reject(self._plan, f"{reasons} (full result: {result_uri})", "validate")
-        result = context["ti"].xcom_pull(task_ids=self.task_id)
-        return write_validation_result(runtime.s3_client(self._plan), runtime.layout_of(self._plan), result)
+            runtime.reject(plan, f"{reasons} (full result: {result_uri})", "validate")
+        return write_validation_result(runtime.s3(plan), plan.layout, context["ti"].xcom_pull(task_ids=self.task_id))

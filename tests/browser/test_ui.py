@@ -25,18 +25,19 @@ from typing import Any
 import psutil
 import pytest
 
-from scripts import airflow_ui, stack
+from scripts import airflow_ui, services, stack
 from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings
 from tasks.datagen import publish_drop
 from tasks.dataset_spec import load_spec
 from tasks.layout import DayLayout
+from tasks.supervisor import OWNER_VARIABLE
 from tests.conftest import PATHS, PORTS, STACK_ENV, _free_port
 
 pytestmark = pytest.mark.browser
 
 DS = "2026-06-15"
 ROWS = 1500
-ARTIFACTS = stack.PROJECT_ROOT / "test-artifacts" / "browser"
+ARTIFACTS = services.PROJECT_ROOT / "test-artifacts" / "browser"
 BUDGET = 8 * 60  # the whole test, start-up and tear-down included
 UI = airflow_ui.ui_url(PORTS)
 
@@ -69,7 +70,7 @@ def _our_processes() -> list[psutil.Process]:
     ours = []
     for process in psutil.process_iter():
         try:
-            if process.environ().get(stack.STACK_ID_VAR) == str(PATHS.state_dir):
+            if process.environ().get(OWNER_VARIABLE) == str(PATHS.state_dir):
                 ours.append(process)
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
@@ -96,7 +97,7 @@ def airflow(budget):
         env = airflow_ui.up(PATHS, PORTS, environ=environ)
         yield env
     finally:
-        airflow_ui.down(PATHS, PORTS)
+        stack.down(PATHS, PORTS)
         left = [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in _our_processes()]
         assert not left, f"processes left behind by airflow_ui down: {left}"
 
@@ -104,13 +105,10 @@ def airflow(budget):
 @pytest.fixture(scope="module")
 def api(airflow):
     """GET on the REST API with the admin's token."""
-    user, password = airflow_ui.login(PATHS)
-    token = airflow_ui.api_token(PORTS, user, password)
+    client = airflow_ui.api(PATHS, PORTS)
 
     def get(path: str) -> Any:
-        request = urllib.request.Request(UI + path, headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
+        return client.request("GET", path.removeprefix("/api/v2"))
 
     return get
 
@@ -118,7 +116,7 @@ def api(airflow):
 @pytest.fixture(scope="module")
 def drop(airflow):
     return publish_drop(
-        stack.s3_client(STACK_ENV), DayLayout(Settings(), load_spec("network_security"), DS), rows=ROWS, parts=2
+        services.s3_client(STACK_ENV), DayLayout(Settings(), load_spec("network_security"), DS), rows=ROWS, parts=2
     )
 
 
@@ -188,9 +186,10 @@ def test_trigger_training_from_the_ui_and_follow_the_mlflow_link(budget, airflow
 
     assert len(drop) == 2
     # A second `up` finds everything running and starts nothing.
-    pid = airflow_ui.running(PATHS, PORTS)
+    standalone = airflow_ui.service(PORTS)
+    pid = PATHS.supervisor().pid(standalone)
     airflow_ui.up(PATHS, PORTS)
-    assert "already running" in capsys.readouterr().out and airflow_ui.running(PATHS, PORTS) == pid
+    assert "already running" in capsys.readouterr().out and PATHS.supervisor().pid(standalone) == pid
 
     context = browser.new_context(viewport={"width": 1440, "height": 900})
     page = context.new_page()

@@ -175,3 +175,56 @@ def test_assets_trace_the_raw_drop_to_the_served_model(offline_dagbag):
     assert names(training.get_task("promote_champion").outlets) == {"network_security_champion"}
     assert names(training.get_task("deploy.record_deployment").outlets) == {"network_security_served_model"}
     assert not training.get_task("keep_champion").outlets  # a kept champion is no new asset version
+
+
+def test_the_sensor_never_holds_a_slot_and_is_not_cut_by_the_task_time_limit(offline_dagbag):
+    """Poke mode would hold a worker slot for up to 12 h and be killed by the 1 h execution_timeout;
+    in reschedule mode (and deferred) the time limit bounds one poke, the sensor's timeout the wait."""
+    sensor = offline_dagbag.dags["network_security_training"].get_task("wait_for_drop")
+    assert sensor.mode == "reschedule"
+    assert sensor.timeout == 12 * 3600 > sensor.execution_timeout.total_seconds()
+    assert sensor.poke_interval <= 300
+
+
+def test_the_sensor_defers_where_a_triggerer_runs():
+    """make airflow, the distributed mode and compose set [operators] default_deferrable."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(DAGS_FOLDER)!r})\n"
+        "print('DEFERRABLE=' + str(bag.dags['network_security_training'].get_task('wait_for_drop').deferrable))\n"
+    )
+    for setting, expected in (("True", "True"), ("False", "False")):
+        env = {**os.environ, "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": setting}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert f"DEFERRABLE={expected}" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("dag_id", "task_id", "field", "plan_task"),
+    [
+        ("network_security_training", "wait_for_drop", "aws_conn_id", "plan_run"),
+        ("network_security_training", "ensure_monitoring_store", "conn_id", "plan_run"),
+        ("network_security_training", "deploy.rollout_ec2", "aws_conn_id", "plan_run"),
+        ("network_security_drift", "ensure_monitoring_store", "conn_id", "plan_check"),
+        ("network_security_deploy", "ensure_monitoring_store", "conn_id", "plan_run"),
+    ],
+)
+def test_operators_use_the_connections_of_the_run_plan(offline_dagbag, dag_id, task_id, field, plan_task):
+    """The ids the tasks' code uses (the plan's settings: NS_* and the Variable applied) are the operators' too."""
+    task = offline_dagbag.dags[dag_id].get_task(task_id)
+    value = getattr(task, field)
+    assert field in task.template_fields
+    assert value.startswith("{{ ti.xcom_pull(task_ids=" + repr(plan_task)) and "['settings']" in value, value
+
+
+def test_every_dag_gets_its_defaults_from_one_place(offline_dagbag):
+    from network_security import alerts
+
+    for dag in offline_dagbag.dags.values():
+        for task in dag.tasks:
+            assert task.on_failure_callback in ([alerts.on_task_failure], alerts.on_task_failure), task.task_id
+            assert task.execution_timeout is not None, task.task_id

@@ -1,6 +1,6 @@
 """Distributed mode run for real: CeleryExecutor, Postgres, Redis, the triggerer, two workers.
 
-``scripts/distributed.py`` starts a fresh stack on loopback (its own Postgres databases, its own
+``scripts/distributed`` starts a fresh stack on loopback (its own Postgres databases, its own
 Redis database number, its own state dir) and every run below goes through the public REST API,
 the scheduler, the Redis broker and the celery workers, never ``dag.test()``:
 
@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from scripts import distributed, stack
+from scripts import distributed, services
+from scripts.airflow_api import AirflowApi
 from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings
 from tasks.datagen import DriftKnob, publish_drop
 from tasks.dataset_spec import load_spec
@@ -50,7 +51,7 @@ RUN_TIMEOUT = 480.0
 class Stack:
     config: distributed.Config
     env: dict[str, str]
-    api: distributed.AirflowApi
+    api: AirflowApi
     s3: Any
 
     @property
@@ -61,7 +62,7 @@ class Stack:
         return self.query("monitoring", sql, *args)
 
     def query(self, database: str, sql: str, *args: Any) -> list[tuple]:
-        connection = distributed._pg_connect(self.config, self.config.databases[database])
+        connection = distributed.pg_connect(self.config, self.config.databases[database])
         try:
             with connection.cursor() as cursor:
                 cursor.execute(sql, args)
@@ -89,7 +90,7 @@ def dist(request) -> Stack:
         started = time.monotonic()
         env = distributed.up(config, fresh=True)
         print(f"distributed stack up in {time.monotonic() - started:.0f}s")
-        yield Stack(config, env, distributed.AirflowApi.for_config(config), stack.s3_client(env))
+        yield Stack(config, env, distributed.api(config), services.s3_client(env))
     finally:
         if request.session.testsfailed > failed_before:
             reporter = request.config.pluginmanager.get_plugin("terminalreporter")
@@ -194,7 +195,7 @@ def _log_traffic(dist: Stack, version: str, hour: dt.datetime, rows: int, seed: 
 def test_drift_check_triggers_a_training_run_that_the_scheduler_executes(dist):
     from mlflow import MlflowClient
 
-    from tasks.registry import alias_version
+    from tasks.tracking import alias_version
 
     client = MlflowClient(dist.env["MLFLOW_TRACKING_URI"])
     champion = alias_version(client, MODEL, "champion")
@@ -228,6 +229,8 @@ def test_drift_check_triggers_a_training_run_that_the_scheduler_executes(dist):
         "SELECT decision, triggered_run_id, drift_detected FROM drift_check WHERE dag_run_id = %s", check_id
     )
     assert rows == [("retrain", retrain_id, 1)]
+    logged = dist.monitoring("SELECT signals, window_end FROM retrain_log WHERE run_id = %s", retrain_id)
+    assert logged == [('["drift"]', CHECK_AT.isoformat())]  # the one cooldown counts from here
 
 
 def test_a_worker_killed_mid_task_loses_no_run(dist):

@@ -131,6 +131,17 @@ def test_airflow_image_installs_the_locked_requirements():
     assert re.search(r"pip install [^&]*--no-deps [^&]*-r requirements-nodeps\.txt", runs)
 
 
+def test_airflow_image_carries_no_dev_tools():
+    """pytest, moto, ruff, schemathesis and playwright are requirements-dev.txt's: never in the image."""
+    copied = " ".join(i.arguments for i in instructions(AIRFLOW_DOCKERFILE, "COPY"))
+    runs = " ".join(i.arguments for i in instructions(AIRFLOW_DOCKERFILE, "RUN"))
+    assert "requirements-dev.txt" not in copied and "requirements-dev.txt" not in runs
+    image = (ROOT / "requirements.txt").read_text().lower()
+    for tool in ("pytest", "moto", "ruff", "schemathesis", "playwright"):
+        assert not re.search(rf"^{tool}\b", image, re.MULTILINE), f"{tool} would be installed into the image"
+        assert re.search(rf"^{tool}\b", (ROOT / "requirements-dev.txt").read_text(), re.MULTILINE), tool
+
+
 def test_serving_image_has_a_healthcheck_on_its_port():
     (healthcheck,) = instructions(SERVING_DOCKERFILE, "HEALTHCHECK")
     assert " CMD " in f" {healthcheck.arguments} "

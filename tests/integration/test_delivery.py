@@ -17,12 +17,12 @@ import boto3
 import httpx
 import pytest
 
-from scripts.dag_runner import run_dag
 from tasks.config import DEPLOY_DAG_ID, TRAINING_DAG_ID, Settings
 from tasks.datagen import generate, publish_drop
 from tasks.dataset_spec import load_spec
 from tasks.deploy import load_deploy_config, release_tag
 from tasks.layout import DayLayout
+from tests.dag_runs import run_dag
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ def _train(s3, ds: str, conf: dict | None = None):
 def _aliases() -> dict[str, str | None]:
     from mlflow import MlflowClient
 
-    from tasks.registry import alias_version
+    from tasks.tracking import alias_version
 
     client = MlflowClient()
     return {alias: alias_version(client, MODEL, alias) for alias in ("champion", "previous_champion")}
@@ -204,9 +204,11 @@ def test_deploy_dag_refuses_a_rollback_without_target_and_redeploys_the_champion
     assert _aliases()["champion"] == champion
 
     # The server is gone (e.g. after a reboot); redeploying brings the champion back.
-    from scripts.stack import Paths, stop_model_servers
+    from scripts.services import Paths
+    from scripts.stack import model_servers
 
-    stop_model_servers(Paths.from_env())
+    for model_server in model_servers(Paths.from_env()):
+        model_server.stop()
     with pytest.raises(httpx.TransportError):
         server.get("/health", timeout=2)
     redeployed = run_dag(DEPLOY_DAG_ID, "2026-08-05", conf={"action": "redeploy"})

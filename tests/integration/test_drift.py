@@ -17,16 +17,17 @@ Every check reads a 3-hour window (``window_hours`` param), so each sees one tra
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 
 import pytest
 
-from scripts import stack
-from scripts.dag_runner import queued_runs, run_dag, run_queued
+from scripts import services
 from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, Settings
 from tasks.datagen import DriftKnob, publish_drop
 from tasks.dataset_spec import load_spec
 from tasks.layout import DayLayout
+from tests.dag_runs import discard_queued_runs, queued_runs, run_dag, run_queued
 from tests.traffic import log_scored_traffic
 
 pytestmark = pytest.mark.integration
@@ -63,7 +64,7 @@ def champion_v1(s3, local_stack):
 
 def log_traffic(local_stack, version: str, hour: dt.datetime, rows: int, seed: int, knob=None) -> None:
     """Score generated records with ``version`` and log them as the served app does, within ``hour``."""
-    s3 = stack.s3_client(local_stack)
+    s3 = services.s3_client(local_stack)
     log_scored_traffic(s3, local_stack["MLFLOW_TRACKING_URI"], SPEC, MODEL, version, hour, rows, seed, knob)
 
 
@@ -78,6 +79,13 @@ def drift_checks(local_stack) -> list[dict]:
         rows = connection.execute(
             "SELECT * FROM drift_check WHERE model_name = ? ORDER BY window_end, checked_at", (MODEL,)
         )
+        return [dict(row) for row in rows]
+
+
+def retrains(local_stack) -> list[dict]:
+    with sqlite3.connect(local_stack["NS_MONITORING_DB"]) as connection:
+        connection.row_factory = sqlite3.Row
+        rows = connection.execute("SELECT * FROM retrain_log WHERE model_name = ? ORDER BY window_end", (MODEL,))
         return [dict(row) for row in rows]
 
 
@@ -143,6 +151,9 @@ def test_drift_queues_exactly_one_training_run_with_its_conf(champion_v1, s3, lo
     assert conf["drifted_features"] == summary["drifted_features"] != []
     assert conf["reason"].startswith("drift: max PSI")
     assert drift_checks(local_stack)[-1]["triggered_run_id"] == run["run_id"]
+    (retrain,) = retrains(local_stack)  # what the cooldown counts from, whatever the signal
+    assert (retrain["run_id"], retrain["signals"]) == (run["run_id"], '["drift"]')
+    assert json.loads(retrain["conf_json"]) == conf
     (alert,) = webhook
     assert alert["event"] == "drift_retraining_triggered" and alert["training_run_id"] == run["run_id"]
     assert alert["drifted_features"] == summary["drifted_features"] and alert["report_url"] == summary["report_url"]
@@ -158,12 +169,15 @@ def test_ten_checks_while_the_retrain_is_queued_trigger_nothing(local_stack):
 def test_the_triggered_run_retrains_and_the_new_reference_holds_with_cooldown(local_stack):
     from mlflow import MlflowClient
 
-    from tasks.registry import alias_version
+    from tasks.tracking import alias_version
 
     (executed,) = run_queued(TRAINING_DAG_ID)
-    run_id, report = executed
-    assert run_id == report.run_id == "drift__network_security__2026-09-10T15:00:00"
+    queued, report = executed
+    # dag.test() runs the queued run's conf as a manual__ run at the same logical date (as make run does).
+    assert queued["run_id"] == "drift__network_security__2026-09-10T15:00:00"
+    assert report.run_id.startswith("manual__") and report.logical_date == queued["logical_date"]
     assert report.succeeded, report.task_states
+    assert report.outputs["plan_run"]["trigger"]["signals"] == ["drift"]
     client = MlflowClient(local_stack["MLFLOW_TRACKING_URI"])
     assert alias_version(client, MODEL, "champion") == "2"
     training = client.get_run(report.outputs["train"]["run_id"])
@@ -180,7 +194,7 @@ def test_the_triggered_run_retrains_and_the_new_reference_holds_with_cooldown(lo
     report, decision = check(at(21, 30), window_hours=8)
     assert decision["outcome"] == "retrain"
     assert [r["run_id"] for r in training_runs_queued()] == ["drift__network_security__2026-09-10T21:30:00"]
-    _discard_queued_training_runs()
+    discard_queued_runs(TRAINING_DAG_ID)
 
 
 def test_missing_champion_fails_clearly_without_retries(champion_v1, local_stack, monkeypatch, capfd):
@@ -193,12 +207,3 @@ def test_missing_champion_fails_clearly_without_retries(champion_v1, local_stack
     output = capfd.readouterr()
     assert "'ns_drift_never_trained' has no champion" in output.out + output.err
     assert "Run network_security_training first" in output.out + output.err
-
-
-def _discard_queued_training_runs() -> None:
-    """Leave no queued run behind for the other test modules."""
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        session.query(DagRun).filter(DagRun.dag_id == TRAINING_DAG_ID, DagRun.state == "queued").delete()

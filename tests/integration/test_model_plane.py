@@ -12,7 +12,6 @@ import sqlite3
 
 import pytest
 
-from scripts.dag_runner import run_dag
 from tasks import storage
 from tasks.config import TRAINING_DAG_ID, Settings
 from tasks.datagen import DriftKnob, publish_drop
@@ -20,6 +19,7 @@ from tasks.dataset_spec import load_spec
 from tasks.gate import decide
 from tasks.layout import DayLayout
 from tasks.train import git_sha, load_training_config
+from tests.dag_runs import run_dag
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def mlflow_client(local_stack):
 
 
 def _alias(client, alias: str) -> str | None:
-    from tasks.registry import alias_version
+    from tasks.tracking import alias_version
 
     return alias_version(client, MODEL, alias)
 

@@ -12,14 +12,14 @@ import time
 import pandas as pd
 import pytest
 
-from scripts import stack
+from scripts import services, stack
 from scripts.bootstrap import create_buckets
-from scripts.dag_runner import run_dag
 from tasks import storage
 from tasks.config import TRAINING_DAG_ID, Settings
 from tasks.datagen import generate, publish_drop
 from tasks.dataset_spec import load_spec
 from tasks.layout import DayLayout
+from tests.dag_runs import run_dag
 
 pytestmark = pytest.mark.integration
 
@@ -231,14 +231,14 @@ def test_emulator_outage_fails_with_the_endpoint_and_recovers_on_retry(s3, local
     endpoint = local_stack["AWS_ENDPOINT_URL"]
     # A retry delay long enough for the emulator to come back between the two tries.
     monkeypatch.setenv("NS_RETRY_DELAY_SECONDS", "20")
-    stack.down(stack.Paths.from_env(local_stack), stack.Ports.from_env(local_stack), only=["moto"])
+    stack.down(services.Paths.from_env(local_stack), services.Ports.from_env(local_stack), only=["moto"])
     recovered = threading.Event()
 
     def bring_emulator_back() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and _task_state("manual__", "wait_for_drop") != "up_for_retry":
             time.sleep(0.5)
-        stack.up(stack.Paths.from_env(local_stack), stack.Ports.from_env(local_stack), only=["moto"])
+        stack.up(services.Paths.from_env(local_stack), services.Ports.from_env(local_stack), only=["moto"])
         create_buckets(local_stack)  # the emulator keeps state in memory: a restart forgets it
         publish_drop(s3, layout, rows=800)
         recovered.set()
@@ -271,3 +271,68 @@ def test_ingest_names_the_endpoint_when_s3_is_unreachable():
     )
     with pytest.raises(storage.StorageUnavailable, match=r"http://127\.0\.0\.1:9 is unreachable"):
         ingest_day(client, _layout("2026-06-02"))
+
+
+def _all_keys(s3) -> set[str]:
+    return {
+        f"{bucket}/{key}"
+        for bucket in (SETTINGS.raw_bucket, SETTINGS.lake_bucket)
+        for key in storage.list_keys(s3, bucket, "")
+    }
+
+
+@pytest.mark.parametrize(
+    ("conf", "words"),
+    [
+        ({"ds": "20260131"}, ["'20260131'"]),
+        ({"ds": "2026-W05-2"}, ["'2026-W05-2'"]),
+        ({"dataset": "../../etc/passwd"}, ["unknown dataset '../../etc/passwd'", "network_security"]),
+    ],
+    ids=["ds-basic-format", "ds-week-date", "dataset-path"],
+)
+def test_bad_run_input_is_refused_before_any_s3_write(s3, capfd, conf, words):
+    """The Param refuses a malformed ds when the run is created; the plan refuses what gets past it
+    (an unknown dataset): either way nothing is read or written and the error names the value."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    publish_drop(s3, _layout("2026-01-31"), rows=600)
+    before = _all_keys(s3)
+    try:
+        report = run_dag(TRAINING_DAG_ID, "2026-01-31", conf=conf)
+    except ParamValidationError as refused:
+        message = str(refused)
+    else:
+        assert report.state == "failed" and report.task_states["plan_run"] == "failed"
+        assert {s for t, s in report.task_states.items() if t != "plan_run"} <= {"upstream_failed", "skipped"}
+        output = capfd.readouterr()
+        message = output.out + output.err
+        assert message.count("unknown dataset") <= 3, "a bad input fails once, without retries"
+    for word in words:
+        assert word in message
+    assert _all_keys(s3) == before
+
+
+def test_operators_follow_the_connection_ids_the_settings_name(s3, local_stack, monkeypatch, tmp_path):
+    """NS_MONITORING_CONN_ID (like the Variable) moves the DDL task and the task code to another store."""
+    import json
+    import sqlite3
+
+    other = tmp_path / "other-monitoring.db"
+    monkeypatch.setenv("NS_MONITORING_CONN_ID", "other_store")
+    monkeypatch.setenv("AIRFLOW_CONN_OTHER_STORE", json.dumps({"conn_type": "sqlite", "host": str(other)}))
+    ds = "2026-06-20"
+    publish_drop(s3, _layout(ds), rows=800)
+
+    report = run_dag(
+        TRAINING_DAG_ID, ds, conf={"force_gate": "reject", "force_reason": "store test: keep the champion"}
+    )
+
+    assert report.succeeded, report.task_states
+    assert report.outputs["plan_run"]["settings"]["monitoring_conn_id"] == "other_store"
+    with sqlite3.connect(other) as connection:  # created by ensure_monitoring_store, written by keep_champion
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        rows = connection.execute(
+            "SELECT decision FROM promotion_log WHERE dag_run_id = ?", (report.run_id,)
+        ).fetchall()
+    assert {"promotion_log", "deployment_log", "drift_check", "retrain_log"} <= tables
+    assert rows == [("forced_reject",)]

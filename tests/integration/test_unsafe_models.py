@@ -132,7 +132,7 @@ def test_drift_reference_scoring_refuses_it(tracking_uri, versions, s3):
     assert champion["model_version"] == versions["hostile"]
 
     with pytest.raises(UnsafeModel, match="serialised as 'cloudpickle'"):
-        drift.reference_frame(s3, champion, SPEC)
+        drift.reference_frame(s3, tracking_uri, champion, SPEC)
     assert not versions["sentinel"].exists()
 
 

@@ -123,3 +123,12 @@ def test_task_retry_delay(environ: dict[str, str], expected: int) -> None:
 )
 def test_dag_schedule(environ: dict[str, str], expected: str | None) -> None:
     assert dag_schedule("network_security_drift", "@hourly", environ) == expected
+
+
+def test_state_dir_has_one_default_whatever_the_working_directory(tmp_path, monkeypatch) -> None:
+    from tasks.config import state_dir
+    from tasks.dataset_spec import PROJECT_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    assert state_dir({}) == PROJECT_ROOT / ".state"
+    assert state_dir({"NS_STATE_DIR": str(tmp_path / "s")}) == tmp_path / "s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 from collections.abc import Callable, Iterator
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import httpx
 import pytest
 import yaml
 from moto import mock_aws
@@ -47,15 +47,8 @@ AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """ECR, EC2 and SSM clients on moto's in-process mock (same isolation as the ``mock_s3`` fixture)."""
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+def aws(aws_isolation: None) -> Iterator[dict[str, Any]]:
+    """ECR, EC2 and SSM clients on moto's in-process mock (the isolation of tests/conftest.py)."""
     with mock_aws():
         yield {name: boto3.client(name, region_name=REGION) for name in ("ecr", "ec2", "ssm")}
 
@@ -754,163 +747,212 @@ def test_rollout_commands_reject_unknown_actions(action):
 # --- smoke_test ---------------------------------------------------------------------------
 
 
-RECORDS = [{"f": i} for i in range(10)]
-LABELS = [i % 2 for i in range(10)]
-BASE_URL = "http://serving.test"
+# --- the smoke test, against the real serving app --------------------------------------------
+#
+# The app of ``serving.app.create_app`` serves a real registered pipeline under uvicorn; a
+# test that needs a misbehaving server wraps it in ``Faults``, which changes one answer and
+# passes everything else through to the app.
+
+API_KEY = "smoke-test-key"
 
 
-class FakeServer:
-    """The serving API as seen by the smoke test; attributes break one behaviour at a time."""
+class Faults:
+    """ASGI middleware around the serving app: each attribute breaks one behaviour, the rest is the app's."""
 
-    def __init__(self, version: str = "7") -> None:
-        self.version = version
-        self.model_version: str | None = None  # what /model reports (default: version)
-        self.batch_status = 200
-        self.ready_after = 0  # /ready answers 503 this many times, then 200
-        self.ready_errors = 0  # /ready fails at transport level this many times first
-        self.never_ready = False
-        self.wrong = 0  # how many batch labels are flipped
-        self.single_label: int | None = None
-        self.batch_size_cap: int | None = None  # answer only this many of the batch's records
-        self.model_body: bytes | None = None  # raw /model body (e.g. not JSON)
-        self.requests: list[httpx.Request] = []
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.reset()
 
-    def predict(self, record: dict[str, Any]) -> int:
-        return record["f"] % 2
+    def reset(self) -> None:
+        self.ready_failures = 0  # /ready answers 503 this many times first
+        self.status: dict[str, tuple[int, bytes]] = {}  # path -> (status, body) answered instead
+        self.rewrite: dict[str, Callable[[Any], Any]] = {}  # path -> changes the app's JSON answer
+        self.paths: list[str] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        path = request.url.path
-        if path == "/ready":
-            if self.ready_errors:
-                self.ready_errors -= 1
-                raise httpx.ConnectError("connection refused", request=request)
-            if self.never_ready or self.ready_after:
-                self.ready_after = max(0, self.ready_after - 1)
-                return httpx.Response(503, json={"ready": False})
-            return httpx.Response(200, json={"ready": True})
-        if path == "/model" and self.model_body is not None:
-            return httpx.Response(200, content=self.model_body)
-        if path == "/model":
-            return httpx.Response(200, json={"model_version": self.model_version or self.version})
-        if path == "/predict":
-            record = json.loads(request.content)
-            label = self.predict(record) if self.single_label is None else self.single_label
-            return httpx.Response(200, json={"label": label, "model_version": self.version})
-        if path == "/predict/batch":
-            if self.batch_status != 200:
-                return httpx.Response(self.batch_status, text="model is loading")
-            records = json.loads(request.content)["records"][: self.batch_size_cap]
-            labels = [self.predict(r) for r in records]
-            for i in range(self.wrong):
-                labels[-1 - i] = 1 - labels[-1 - i]
-            return httpx.Response(
-                200, json={"predictions": [{"label": label, "model_version": self.version} for label in labels]}
-            )
-        return httpx.Response(404)
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        self.paths.append(path)
+        if path == "/ready" and self.ready_failures:
+            self.ready_failures -= 1
+            return await self._answer(send, 503, b'{"status": "not ready"}')
+        if path in self.status:
+            return await self._answer(send, *self.status[path])
+        if path not in self.rewrite:
+            return await self.app(scope, receive, send)
+        messages: list[dict] = []
+
+        async def keep(message: dict) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, keep)
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+        changed = json.dumps(self.rewrite[path](json.loads(body))).encode()
+        status = next(m["status"] for m in messages if m["type"] == "http.response.start")
+        await self._answer(send, status, changed)
+
+    @staticmethod
+    async def _answer(send: Callable, status: int, body: bytes) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, network_spec: Any) -> Iterator[dict[str, Any]]:
+    """The serving app on a real uvicorn server, serving v1 of a test registry (prediction log off)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.config import ServingSettings
+    from tests.model_registry import register_pipeline
+
+    registry = register_pipeline(tmp_path_factory.mktemp("registry"), network_spec)
+    settings = ServingSettings.from_env(
+        {
+            "MLFLOW_TRACKING_URI": registry.tracking_uri,
+            "MODEL_NAME": registry.model_name,
+            "API_KEY": API_KEY,
+            "PREDICTION_LOG_BUCKET": "",
+        }
+    )
+    # The app resolves models:/ URIs through MLflow's process-wide tracking URI (its own process has
+    # MLFLOW_TRACKING_URI): point it at the test registry for this module, and back afterwards.
+    import mlflow
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    faults = Faults(create_app(settings))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(faults, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the serving app did not start"
+        time.sleep(0.05)
+    records = json.loads(registry.features.head(10).to_json(orient="records"))
+    labels = registry.pipeline.predict(registry.features.head(10)).tolist()  # what v1 answers
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "faults": faults, "records": records, "labels": labels}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        patch.undo()
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> FakeServer:
-    """Routes every ``httpx.Client`` built during the test to a :class:`FakeServer`."""
-    fake = FakeServer()
-    real_client = httpx.Client
-
-    def client(*args: Any, **kwargs: Any) -> httpx.Client:
-        return real_client(*args, transport=httpx.MockTransport(fake), **kwargs)
-
-    monkeypatch.setattr(httpx, "Client", client)
-    return fake
+def server(served: dict[str, Any]) -> Iterator[Faults]:
+    """The served app with no fault injected (each test breaks what it needs)."""
+    served["faults"].reset()
+    yield served["faults"]
+    served["faults"].reset()
 
 
-def run_smoke(**overrides: Any) -> dict[str, Any]:
-    arguments = {"expected_version": "7", "min_accuracy": 0.8, "timeout": 5.0} | overrides
-    return smoke_test(BASE_URL, "the-key", RECORDS, LABELS, **arguments)
+def run_smoke(served: dict[str, Any], labels: list[Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    arguments = {"expected_version": "1", "min_accuracy": 0.8, "timeout": 5.0} | overrides
+    return smoke_test(served["url"], API_KEY, served["records"], labels or served["labels"], **arguments)
 
 
-def test_smoke_test_passes_on_the_expected_champion(server):
-    result = run_smoke()
-    assert result["accuracy"] == 1.0
-    assert result["model_version"] == "7"
-    assert result["records"] == 10
-    assert result["url"] == BASE_URL
-    assert result["seconds"] >= 0
-    assert all(r.headers["X-API-Key"] == "the-key" for r in server.requests)
-    batch = next(r for r in server.requests if r.url.path == "/predict/batch")
-    assert json.loads(batch.content) == {"records": RECORDS}
-    single = next(r for r in server.requests if r.url.path == "/predict")
-    assert json.loads(single.content) == RECORDS[0]
+def flipped(labels: list[int], count: int) -> list[int]:
+    """``labels`` with the last ``count`` changed to the other class (-1 <-> 1)."""
+    return labels[: len(labels) - count] + [-label for label in labels[len(labels) - count :]]
 
 
-def test_smoke_test_accuracy_exactly_at_the_minimum_passes(server):
-    server.wrong = 2
-    assert run_smoke(min_accuracy=0.8)["accuracy"] == 0.8
+def test_smoke_test_passes_on_the_expected_champion(served, server):
+    result = run_smoke(served)
+    assert result == {
+        "url": served["url"],
+        "model_version": "1",
+        "records": 10,
+        "accuracy": 1.0,
+        "seconds": result["seconds"],
+    }
+    assert 0 < result["seconds"] < 5
+    assert server.paths[-4:] == ["/ready", "/model", "/predict", "/predict/batch"]
 
 
-def test_smoke_test_waits_for_ready(server):
-    server.ready_errors = 1
-    server.ready_after = 1
-    assert run_smoke()["accuracy"] == 1.0
-    assert [r.url.path for r in server.requests].count("/ready") == 3
+def test_smoke_test_accuracy_exactly_at_the_minimum_passes(served, server):
+    assert run_smoke(served, flipped(served["labels"], 2), min_accuracy=0.8)["accuracy"] == 0.8
 
 
-def test_smoke_test_fails_when_model_reports_another_version(server):
-    server.model_version = "6"
+def test_smoke_test_waits_for_ready(served, server):
+    server.ready_failures = 2
+    assert run_smoke(served)["accuracy"] == 1.0
+    assert server.paths.count("/ready") == 3
+
+
+def test_smoke_test_fails_when_model_reports_another_version(served, server):
     with pytest.raises(SmokeTestFailed) as raised:
-        run_smoke()
+        run_smoke(served, expected_version="6")
     message = str(raised.value)
-    assert '"model_version":"6"' in message.replace(" ", "")
-    assert "expected v7" in message
-    assert f"{BASE_URL}/model" in message
+    assert '"model_version":"1"' in message.replace(" ", "")
+    assert "expected v6" in message
+    assert f"{served['url']}/model" in message
 
 
-def test_smoke_test_fails_when_model_answers_something_else_than_json(server):
-    server.model_body = b"<html>gateway</html>"
-    with pytest.raises(SmokeTestFailed, match="expected v7"):
-        run_smoke()
+def test_smoke_test_fails_when_model_answers_something_else_than_json(served, server):
+    server.status["/model"] = (200, b"<html>gateway</html>")
+    with pytest.raises(SmokeTestFailed, match="expected v1"):
+        run_smoke(served)
 
 
-def test_smoke_test_fails_when_predictions_come_from_another_version(server):
-    server.version = "6"
-    server.model_version = "7"
-    with pytest.raises(SmokeTestFailed, match=r"version\(s\) \['6'\], expected v7"):
-        run_smoke()
+def test_smoke_test_fails_when_predictions_come_from_another_version(served, server):
+    server.rewrite["/predict/batch"] = lambda body: {
+        **body, "predictions": [{**p, "model_version": "6"} for p in body["predictions"]]
+    }  # fmt: skip
+    with pytest.raises(SmokeTestFailed, match=r"version\(s\) \['1', '6'\], expected v1"):
+        run_smoke(served)
 
 
-def test_smoke_test_fails_on_batch_error_status(server):
-    server.batch_status = 503
+def test_smoke_test_fails_on_batch_error_status(served, server):
+    server.status["/predict/batch"] = (503, b"model is loading")
     with pytest.raises(SmokeTestFailed) as raised:
-        run_smoke()
+        run_smoke(served)
     message = str(raised.value)
     assert "/predict/batch answered 503" in message
     assert "model is loading" in message
 
 
-def test_smoke_test_fails_below_minimum_accuracy(server):
-    server.wrong = 3
+def test_smoke_test_fails_below_minimum_accuracy(served, server):
     with pytest.raises(SmokeTestFailed) as raised:
-        run_smoke(min_accuracy=0.8)
+        run_smoke(served, flipped(served["labels"], 3), min_accuracy=0.8)
     message = str(raised.value)
     assert "accuracy 0.700" in message
     assert "minimum 0.800" in message
     assert "10 smoke records" in message
-    assert "v7" in message
+    assert "v1" in message
 
 
-def test_smoke_test_fails_when_never_ready(server):
-    server.never_ready = True
+def test_smoke_test_fails_when_never_ready(served, server):
+    server.ready_failures = 10_000
     with pytest.raises(SmokeTestFailed, match=r"/ready did not answer 200 within"):
-        run_smoke(timeout=0.2)
-    assert {r.url.path for r in server.requests} == {"/ready"}
+        run_smoke(served, timeout=0.2)
+    assert set(server.paths) == {"/ready"}
 
 
-def test_smoke_test_fails_when_single_and_batch_disagree(server):
-    server.single_label = 1  # RECORDS[0] is labelled 0 by the batch
+def test_smoke_test_fails_when_single_and_batch_disagree(served, server):
+    server.rewrite["/predict"] = lambda body: {**body, "label": -body["label"]}
     with pytest.raises(SmokeTestFailed, match="single and the batch prediction"):
-        run_smoke()
+        run_smoke(served)
 
 
-def test_smoke_test_fails_cleanly_when_the_batch_misses_records(server):
-    server.batch_size_cap = len(RECORDS) - 1
-    with pytest.raises(SmokeTestFailed):
-        run_smoke()
+def test_smoke_test_fails_cleanly_when_the_batch_misses_records(served, server):
+    server.rewrite["/predict/batch"] = lambda body: {**body, "predictions": body["predictions"][:-1]}
+    with pytest.raises(SmokeTestFailed, match="answered 9 predictions for 10 records"):
+        run_smoke(served)
+
+
+def test_smoke_test_sends_the_api_key(served, server):
+    with pytest.raises(SmokeTestFailed, match=r"/model answered 40[13]"):
+        smoke_test(served["url"], "wrong-key", served["records"], served["labels"], expected_version="1",
+                   min_accuracy=0.8, timeout=5.0)  # fmt: skip

@@ -17,6 +17,7 @@ from tasks import drift, storage
 from tasks.datagen import DriftKnob, generate
 
 UTC = dt.UTC
+HOUR = dt.timedelta(hours=1)
 CHAMPION = {"model_name": "network_security", "model_version": "3", "run_id": "abc", "snapshot_uris": ["s3://l/s"]}
 
 
@@ -173,50 +174,7 @@ def test_sampling_keeps_the_decision(network_spec, worlds, knob):
     assert decision(psi_sampled) == decision(psi_full)
 
 
-# --- the decision rule ----------------------------------------------------------------------
-
-END = dt.datetime(2026, 11, 23, 12, tzinfo=UTC)
-HOUR = dt.timedelta(hours=1)
-
-
-@pytest.mark.parametrize(
-    ("detected", "previous", "k", "active", "last_trigger", "outcome"),
-    [
-        (False, [], 1, 0, None, "no_drift"),
-        (False, [True, True], 2, 0, None, "no_drift"),
-        (True, [], 1, 0, None, "retrain"),
-        (True, [], 2, 0, None, "drift_pending"),
-        (True, [False, True], 2, 0, None, "drift_pending"),
-        (True, [True], 2, 0, None, "retrain"),
-        (True, [True, True, False], 3, 0, None, "retrain"),
-        (True, [], 1, 1, None, "training_active"),
-        (True, [True], 2, 2, None, "training_active"),
-        (True, [], 1, 0, END - 2 * HOUR, "cooldown"),
-        (True, [], 1, 0, END - 6 * HOUR, "retrain"),  # the cooldown is over exactly at its end
-        (True, [], 1, 0, END - 7 * HOUR, "retrain"),
-        (True, [], 2, 1, END - HOUR, "drift_pending"),  # the rule first, then storm protection
-    ],
-)
-def test_decision_rule(detected, previous, k, active, last_trigger, outcome):
-    decision = drift.decide(
-        detected,
-        previous,
-        consecutive_checks=k,
-        active_training_runs=active,
-        last_trigger_at=last_trigger,
-        window_end=END,
-        cooldown=dt.timedelta(hours=6),
-    )
-    assert decision.outcome == outcome
-    assert decision.trigger is (outcome == "retrain")
-    assert decision.reason
-
-
-def test_trigger_run_id_is_one_per_window():
-    other_zone = END.astimezone(dt.timezone(dt.timedelta(hours=2)))
-    assert drift.trigger_run_id("network_security", END) == drift.trigger_run_id("network_security", other_zone)
-    assert drift.trigger_run_id("network_security", END) == "drift__network_security__2026-11-23T12:00:00"
-    assert drift.trigger_run_id("network_security", END + HOUR) != drift.trigger_run_id("network_security", END)
+# --- the decision -----------------------------------------------------------------------------
 
 
 def test_retrain_reason_names_the_worst_features():
@@ -234,14 +192,17 @@ def test_retrain_reason_names_the_worst_features():
 # --- the window -----------------------------------------------------------------------------
 
 
-def test_window_partitions_cover_the_hours_up_to_the_end():
+def test_window_covers_the_hours_up_to_the_end():
     scheduled = dt.datetime(2026, 11, 23, 2, tzinfo=UTC)  # an hourly run: the hours before its end
     manual = dt.datetime(2026, 11, 23, 1, 30, tzinfo=UTC)  # a manual run: the current hour too
-    expected = ["dt=2026-11-22/23", "dt=2026-11-23/00", "dt=2026-11-23/01"]
-    assert drift.window_partitions(scheduled, 3) == expected
-    assert drift.window_partitions(manual, 3) == expected
-    assert drift.window_partitions(manual.astimezone(dt.timezone(dt.timedelta(hours=-5))), 3) == expected
-    assert len(drift.window_partitions(scheduled, 24)) == 24
+    expected = ("dt=2026-11-22/23", "dt=2026-11-23/00", "dt=2026-11-23/01")
+    assert drift.window(scheduled, 3).partitions == expected
+    assert drift.window(manual, 3).partitions == expected
+    assert drift.window(manual.astimezone(dt.timezone(dt.timedelta(hours=-5))), 3).partitions == expected
+    assert len(drift.window(scheduled, 24).partitions) == 24
+    span = drift.window(manual.astimezone(dt.timezone(dt.timedelta(hours=-5))), 3)
+    assert span.start == dt.datetime(2026, 11, 22, 23, tzinfo=UTC)  # the first partition's hour
+    assert span.end == manual and span.end.tzinfo == UTC
 
 
 def _records(spec, rows: int, version: str, model: str = "network_security") -> list[dict]:
@@ -268,30 +229,71 @@ def test_read_object_projects_and_casts_jsonl_and_parquet(network_spec):
         drift.read_object(b"", "a.csv", schema)
 
 
+def _put(client, key: str, records: list[dict]) -> None:
+    body = "\n".join(json.dumps(r) for r in records).encode()
+    storage.put_bytes(client, storage.S3Location("lake", key), body)
+
+
 def test_read_window_keeps_the_champions_rows_of_the_window(mock_s3, network_spec):
     mock_s3.create_bucket(Bucket="lake")
-
-    def put(partition: str, name: str, records: list[dict]) -> None:
-        body = "\n".join(json.dumps(r) for r in records).encode()
-        storage.put_bytes(mock_s3, storage.S3Location("lake", f"predictions/{partition}/{name}.jsonl"), body)
-
-    put("dt=2026-11-23/10", "a", _records(network_spec, 30, "3"))
-    put("dt=2026-11-23/11", "b", _records(network_spec, 20, "2"))  # the previous champion
-    put("dt=2026-11-23/11", "c", _records(network_spec, 10, "3"))
-    put("dt=2026-11-23/11", "e", _records(network_spec, 5, "3", model="another_model"))  # shares the log
-    put("dt=2026-11-23/09", "d", _records(network_spec, 99, "3"))  # outside the window
+    # The legacy shared log (records carry model_name) ...
+    _put(mock_s3, "predictions/dt=2026-11-23/10/a.jsonl", _records(network_spec, 30, "3"))
+    _put(mock_s3, "predictions/dt=2026-11-23/11/b.jsonl", _records(network_spec, 20, "2"))  # the previous champion
+    _put(mock_s3, "predictions/dt=2026-11-23/11/c.jsonl", _records(network_spec, 10, "3"))
+    _put(mock_s3, "predictions/dt=2026-11-23/11/e.jsonl", _records(network_spec, 5, "3", model="another_model"))
+    _put(mock_s3, "predictions/dt=2026-11-23/09/d.jsonl", _records(network_spec, 99, "3"))  # outside the window
+    # ... and the per-model layout the server writes now, for this model and another one.
+    _put(mock_s3, "predictions/network_security/dt=2026-11-23/11/f.jsonl", _records(network_spec, 7, "3"))
+    _put(mock_s3, "predictions/another_model/dt=2026-11-23/11/g.jsonl", _records(network_spec, 9, "3", "another_model"))
 
     partitions = ["dt=2026-11-23/10", "dt=2026-11-23/11"]
     champion = ("network_security", "3")
-    table, read = drift.read_window(mock_s3, "lake", "predictions", partitions, network_spec, champion)
+    table, read, skipped = drift.read_window(mock_s3, "lake", "predictions", partitions, network_spec, champion)
 
-    assert (table.num_rows, read) == (40, 65)
+    assert (table.num_rows, read, skipped) == (47, 72, ())
     assert set(table[drift.VERSION_COLUMN].to_pylist()) == {"3"}
     assert set(table[drift.MODEL_COLUMN].to_pylist()) == {"network_security"}
-    everything, read = drift.read_window(mock_s3, "lake", "predictions", partitions, network_spec, None)
-    assert everything.num_rows == read == 65
-    empty, read = drift.read_window(mock_s3, "lake", "predictions", ["dt=2026-01-01/00"], network_spec, champion)
-    assert (empty.num_rows, read) == (0, 0)
+    everything = drift.read_window(mock_s3, "lake", "predictions", partitions, network_spec, None)
+    assert everything.table.num_rows == everything.read_rows == 65  # no model: the legacy log only
+    empty = drift.read_window(mock_s3, "lake", "predictions", ["dt=2026-01-01/00"], network_spec, champion)
+    assert (empty.table.num_rows, empty.read_rows) == (0, 0)
+
+
+def test_window_prefixes_are_the_models_folder_then_the_legacy_one():
+    assert drift.window_prefixes("predictions", "m", "dt=2026-01-01/00") == [
+        "predictions/m/dt=2026-01-01/00/", "predictions/dt=2026-01-01/00/",
+    ]  # fmt: skip
+    assert drift.window_prefixes("", None, "dt=2026-01-01/00") == ["dt=2026-01-01/00/"]
+
+
+def test_an_unreadable_object_is_skipped_and_counted(mock_s3, network_spec):
+    mock_s3.create_bucket(Bucket="lake")
+    hour = "dt=2026-11-23/10"
+    _put(mock_s3, f"predictions/network_security/{hour}/good.jsonl", _records(network_spec, 30, "3"))
+    storage.put_bytes(mock_s3, storage.S3Location("lake", f"predictions/network_security/{hour}/torn.jsonl"), b'{"URL')
+    storage.put_bytes(mock_s3, storage.S3Location("lake", f"predictions/{hour}/junk.parquet"), b"not parquet")
+    storage.put_bytes(mock_s3, storage.S3Location("lake", f"predictions/{hour}/notes.txt"), b"hello")
+    wrong = [{k: v for k, v in r.items() if k != "probability"} for r in _records(network_spec, 4, "3")]
+    _put(mock_s3, f"predictions/{hour}/no_probability.jsonl", wrong)
+
+    found = drift.read_window(mock_s3, "lake", "predictions", [hour], network_spec, ("network_security", "3"))
+
+    assert found.table.num_rows == 30
+    skipped = {entry.split(":", 1)[0] for entry in found.skipped}
+    assert skipped >= {
+        f"predictions/network_security/{hour}/torn.jsonl", f"predictions/{hour}/junk.parquet",
+        f"predictions/{hour}/notes.txt",
+    }  # fmt: skip
+    summary = drift.summarize(
+        {n: 0.01 for n in [*network_spec.feature_names, drift.PREDICTION_COLUMN]},
+        0.25,
+        window={},
+        rows={"current": 30, "evaluated": 30, "reference": 30},
+        champion=CHAMPION,
+        skipped_objects=found.skipped,
+    )
+    assert summary["skipped_objects"]["count"] == len(found.skipped) >= 3
+    assert summary["skipped_objects"]["first"][0] == found.skipped[0]
 
 
 def test_newest_labelled_day_is_on_or_before_the_window(mock_s3):
@@ -327,3 +329,71 @@ def test_bad_configuration_names_the_file_and_the_problem(tmp_path, text, messag
     with pytest.raises(ValueError, match=message) as raised:
         drift.load_drift_config(path)
     assert str(path) in str(raised.value)
+
+
+# --- the decision of a check, on a real (SQLite) monitoring store ---------------------------------
+
+
+def _plan(window_end: dt.datetime, cooldown_minutes: int | None = None, consecutive_checks: int = 1):
+    from tasks.config import Settings
+    from tasks.plan import plan_check
+
+    settings = Settings(raw_bucket="raw", lake_bucket="lake")
+    config = drift.load_drift_config().replace(consecutive_checks=consecutive_checks)
+    params = {"window_hours": 1, "cooldown_minutes": cooldown_minutes}
+    return plan_check(settings, params, window_end, "scheduled", ["network_security"], config)
+
+
+def _summary(detected: bool) -> dict:
+    return {
+        "drift_detected": detected, "max_psi": 0.6 if detected else 0.01, "prediction_psi": 0.01,
+        "psi_threshold": 0.25, "drifted_features": ["f1"] if detected else [], "report_uri": "s3://lake/r.html",
+        "rows": {"current": 900, "evaluated": 900, "reference": 1000}, "champion": {"model_version": "1"},
+    }  # fmt: skip
+
+
+def test_decide_retraining_records_the_check_and_the_retrain(mock_s3, store):
+    mock_s3.create_bucket(Bucket="raw")
+    storage.put_bytes(mock_s3, storage.S3Location("raw", "network_data/ds=2026-11-22/part-0000.csv"), b"x")
+    at = dt.datetime(2026, 11, 23, 12, tzinfo=UTC)
+
+    calm = drift.decide_retraining(mock_s3, store, _plan(at - 2 * HOUR), _summary(False), "check-1", 0)
+    decision = drift.decide_retraining(mock_s3, store, _plan(at), _summary(True), "check-2", 0)
+    held = drift.decide_retraining(mock_s3, store, _plan(at + HOUR), _summary(True), "check-3", 0)
+    lifted = drift.decide_retraining(mock_s3, store, _plan(at + 2 * HOUR, cooldown_minutes=0), _summary(True), "c4", 0)
+
+    assert [d.outcome for d in (calm, decision, held, lifted)] == ["no_drift", "retrain", "cooldown", "retrain"]
+    assert decision.run_id == "drift__network_security__2026-11-23T12:00:00"
+    assert decision.conf["ds"] == "2026-11-22" and decision.conf["drift_report_uri"] == "s3://lake/r.html"
+    checks = {row["dag_run_id"]: row for row in store.table("drift_check")}
+    assert checks["check-2"]["triggered_run_id"] == decision.run_id and checks["check-2"]["decision"] == "retrain"
+    assert checks["check-3"]["decision"] == "cooldown" and checks["check-3"]["triggered_run_id"] is None
+    retrains = store.table("retrain_log")
+    assert [r["run_id"] for r in retrains] == [decision.run_id, lifted.run_id]
+    assert json.loads(retrains[0]["conf_json"]) == decision.conf
+
+
+def test_decide_retraining_needs_k_consecutive_checks_of_the_same_dataset(mock_s3, store):
+    mock_s3.create_bucket(Bucket="raw")
+    storage.put_bytes(mock_s3, storage.S3Location("raw", "network_data/ds=2026-11-22/part-0000.csv"), b"x")
+    at = dt.datetime(2026, 11, 23, 12, tzinfo=UTC)
+    outcomes = [
+        drift.decide_retraining(mock_s3, store, _plan(at + n * HOUR, consecutive_checks=2), _summary(True), f"r{n}", 0)
+        for n in range(2)
+    ]
+    assert [d.outcome for d in outcomes] == ["drift_pending", "retrain"]
+
+
+def test_decide_retraining_without_a_labelled_day(mock_s3, store):
+    mock_s3.create_bucket(Bucket="raw")
+    decision = drift.decide_retraining(
+        mock_s3, store, _plan(dt.datetime(2026, 11, 23, tzinfo=UTC)), _summary(True), "r", 0
+    )
+    assert decision.outcome == "no_labelled_data" and store.table("retrain_log") == []
+
+
+def test_drift_signal_carries_the_reason_and_the_evidence():
+    signal = drift.drift_signal(_summary(True), [True, False], 2)
+    assert (signal.kind, signal.fired, signal.history, signal.consecutive) == ("drift", True, (True, False), 2)
+    assert signal.reason.startswith("drift: max PSI 0.600 >= 0.25")
+    assert signal.evidence == {"drift_report_uri": "s3://lake/r.html", "max_psi": 0.6, "drifted_features": ["f1"]}

@@ -1,4 +1,4 @@
-"""The local deploy target's bookkeeping (pid file, fingerprint, foreign port) without the serving app."""
+"""The local deploy target's bookkeeping (pid file, fingerprint, foreign port, environment) without the serving app."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import local_server
-from tasks.local_server import LocalServer, LocalServerError
+from tasks import supervisor
+from tasks.local_server import LocalServer, LocalServerError, model_server_service, serving_environment
+from tasks.supervisor import OWNER_VARIABLE
 
 
 def free_port() -> int:
@@ -24,13 +25,31 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+OWNER = "/tmp/ns-test-owner"
+# A stand-in for the serving app's liveness probe: 200 on /health.
+HEALTH_SERVER = """
+import http.server, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
 def make_server(state_dir: Path, port: int | None = None, **environment: str) -> LocalServer:
     return LocalServer(
         state_dir=state_dir,
         host="127.0.0.1",
         port=port or free_port(),
         environment=environment or {"MODEL_NAME": "network_security", "API_KEY": "k"},
+        owner_id=OWNER,
     )
+
+
+def ours(*command: str) -> subprocess.Popen:
+    """A process of this owner in a session of its own, as the supervisor starts the real server."""
+    return subprocess.Popen(list(command), env={**os.environ, OWNER_VARIABLE: OWNER}, start_new_session=True)
 
 
 def dead_pid() -> int:
@@ -46,7 +65,7 @@ def forbid_spawning(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError(f"the serving app must not be started: {args}")
 
-    monkeypatch.setattr(local_server.subprocess, "Popen", refuse)
+    monkeypatch.setattr(supervisor.subprocess, "Popen", refuse)
 
 
 @pytest.fixture
@@ -99,11 +118,18 @@ def test_pid_removes_a_stale_pid_file(tmp_path):
     assert not server.pid_file.exists()
 
 
-def test_pid_of_a_live_process_is_kept(tmp_path):
+def test_pid_of_our_live_process_is_kept_and_someone_elses_is_not(tmp_path):
     server = make_server(tmp_path)
-    server.pid_file.write_text(f"{os.getpid()}\n")
-    assert server.pid() == os.getpid()
-    assert server.pid_file.exists()
+    tmp_path.mkdir(exist_ok=True)
+    server.pid_file.write_text(f"{os.getpid()}\n")  # alive, but not started by this owner
+    assert server.pid() is None and not server.pid_file.exists()
+    sleeper = ours(sys.executable, "-c", "import time; time.sleep(60)")
+    try:
+        server.pid_file.write_text(str(sleeper.pid))
+        assert server.pid() == sleeper.pid and server.pid_file.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_pid_file_with_garbage_is_none(tmp_path):
@@ -143,26 +169,33 @@ def test_ensure_started_refuses_a_port_held_by_another_program(tmp_path, foreign
     server = make_server(tmp_path / "serving", port=foreign_http)
     assert server.healthy() is True
     with pytest.raises(LocalServerError) as raised:
-        server.ensure_started(timeout=5)
+        server.ensure_started()
     message = str(raised.value)
-    assert f"127.0.0.1:{foreign_http}" in message
-    assert "NS_SERVING_PORT" in message
-    assert str(server.pid_file) in message
+    assert f"127.0.0.1:{foreign_http}" in message and "is in use by pid" in message
+    assert f"SERVING_PORT={foreign_http + 1}" in message
     assert not server.pid_file.exists()
 
 
-def test_ensure_started_leaves_our_matching_server_running(tmp_path, foreign_http, no_spawn):
-    server = make_server(tmp_path, port=foreign_http)
-    server.pid_file.write_text(str(os.getpid()))
-    server.fingerprint_file.write_text(server.fingerprint)
-    assert server.ensure_started(timeout=5) == "running"
-    assert server.pid_file.read_text() == str(os.getpid())
+def test_ensure_started_leaves_our_matching_server_running(tmp_path, monkeypatch):
+    port = free_port()
+    server = make_server(tmp_path, port=port)
+    process = ours(sys.executable, "-c", HEALTH_SERVER, str(port))
+    forbid_spawning(monkeypatch)
+    try:
+        _wait_until(server.healthy)
+        server.pid_file.write_text(str(process.pid))
+        server.fingerprint_file.write_text(server.fingerprint)
+        assert server.ensure_started() == "running"
+        assert server.pid_file.read_text() == str(process.pid)
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_ensure_started_stops_our_server_when_its_environment_changed(tmp_path, foreign_http, monkeypatch):
     # "Ours" is a sleeper in its own session (as the real server is); the port still answers
     # after it is stopped, so the restart then stops at the foreign-program check.
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    sleeper = ours(sys.executable, "-c", "import time; time.sleep(60)")
     reaper = threading.Thread(target=sleeper.wait, daemon=True)
     reaper.start()
     forbid_spawning(monkeypatch)
@@ -170,8 +203,8 @@ def test_ensure_started_stops_our_server_when_its_environment_changed(tmp_path, 
         server = make_server(tmp_path, port=foreign_http)
         server.pid_file.write_text(str(sleeper.pid))
         server.fingerprint_file.write_text("fingerprint of another environment")
-        with pytest.raises(LocalServerError, match="was not started by this project"):
-            server.ensure_started(timeout=5)
+        with pytest.raises(LocalServerError, match="is in use by pid"):
+            server.ensure_started()
         reaper.join(timeout=10)
         assert sleeper.returncode == -signal.SIGTERM
         assert not server.pid_file.exists()
@@ -179,3 +212,33 @@ def test_ensure_started_stops_our_server_when_its_environment_changed(tmp_path, 
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+def test_the_server_environment_carries_the_model_and_the_aws_connection():
+    environment = serving_environment(
+        tracking_uri="http://mlflow:5000", model_name="m", dataset="d", api_key="k", prediction_log_bucket="lake",
+        aws_options={"aws_access_key_id": "id", "aws_secret_access_key": "s", "aws_session_token": None,
+                     "region_name": "eu-west-1", "endpoint_url": "http://moto:5000", "profile": "ignored"},
+    )  # fmt: skip
+    assert environment == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000", "MODEL_NAME": "m", "MODEL_ALIAS": "champion", "DATASET": "d",
+        "API_KEY": "k", "PREDICTION_LOG_BUCKET": "lake", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://moto:5000",
+    }  # fmt: skip
+
+
+def test_the_model_server_is_a_supervised_service():
+    service = model_server_service("127.0.0.1", 8123, {"MODEL_NAME": "m"})
+    assert service.name == "serving-8123" and service.url == "http://127.0.0.1:8123"
+    assert service.command[1:] == ["-m", "serving", "--host", "127.0.0.1", "--port", "8123"]
+    assert service.health_path == "/health" and service.environment["MODEL_NAME"] == "m"
+    assert service.stop_timeout > 10  # more than the prediction log's close timeout
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)

@@ -1,0 +1,48 @@
+"""What every DAG file shares: ``default_args``, the monitoring store's DDL task, templates of the plan.
+
+Operators read their connection ids from the run plan at run time (templates), so the ids a
+task's code uses and the ids its operators use are the same, ``NS_*`` and Variable overrides
+included; nothing here reads settings at parse time.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from network_security import alerts
+from tasks.config import task_retry_delay
+
+INCLUDE = Path(__file__).resolve().parents[2] / "include"
+OWNER = "ml-platform"
+
+
+def default_args(execution_timeout: timedelta) -> dict[str, Any]:
+    """Owner, 2 retries with the configured delay, the failure alert, and a time limit per try."""
+    return {
+        "owner": OWNER,
+        "retries": 2,
+        "retry_delay": timedelta(seconds=task_retry_delay()),
+        "on_failure_callback": alerts.on_task_failure,
+        "execution_timeout": execution_timeout,
+    }
+
+
+def from_plan(*path: str, plan_task_id: str = "plan_run") -> str:
+    """A template of one value of the plan in XCom, e.g. ``from_plan("settings", "aws_conn_id")``."""
+    keys = "".join(f"[{key!r}]" for key in path)
+    return f"{{{{ ti.xcom_pull(task_ids={plan_task_id!r}){keys} }}}}"
+
+
+def ensure_monitoring_store(plan_task_id: str = "plan_run") -> Any:
+    """``SQLExecuteQueryOperator`` creating the monitoring store's tables if missing, on the plan's connection."""
+    from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
+
+    return SQLExecuteQueryOperator(
+        task_id="ensure_monitoring_store",
+        doc_md="Creates the promotion, deployment, drift-check and retrain logs of the monitoring store if missing.",
+        conn_id=from_plan("settings", "monitoring_conn_id", plan_task_id=plan_task_id),
+        sql="sql/monitoring_store.sql",
+        split_statements=True,
+    )

@@ -1,0 +1,142 @@
+"""The training DAG's steps, as plain functions of the run plan and the clients they need.
+
+``ingest`` → (validation: the GX operator) → ``transform`` → ``train`` → ``evaluate`` →
+``promote`` or ``keep_champion``. The work is in ``tasks.ingest``, ``tasks.transform``,
+``tasks.train`` and ``tasks.registry``; these functions decide what each step is given and
+what it records (lineage, tags, the promotion log row, the asset events).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from tasks import monitoring_store, storage
+
+if TYPE_CHECKING:
+    from tasks.monitoring_store import Store
+    from tasks.plan import RunPlan
+
+log = logging.getLogger(__name__)
+
+
+def ingest(plan: RunPlan, s3: Any) -> dict[str, Any]:
+    """The day's CSV files as one immutable snapshot (raises ``DataRejected`` for bad data)."""
+    from tasks.ingest import ingest_day
+
+    return ingest_day(s3, plan.layout).as_xcom()
+
+
+def snapshot_event(plan: RunPlan, snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """The snapshot asset event's details (one event per day, with its content hash)."""
+    return {
+        "dataset": plan.dataset,
+        "ds": plan.ds,
+        "uri": snapshot["snapshot_uri"],
+        "content_hash": snapshot["content_hash"],
+        "rows": snapshot["rows"],
+    }
+
+
+def transform(plan: RunPlan, s3: Any) -> dict[str, Any]:
+    """Split the window's snapshots and fit the preprocessor on the train split."""
+    from tasks.transform import transform_day
+
+    settings = plan.settings
+    return transform_day(s3, plan.layout, settings.test_size, settings.split_seed, plan.window_days)
+
+
+def train(
+    plan: RunPlan, s3: Any, features: Mapping[str, Any], validation_uri: str, dag_id: str, run_id: str
+) -> dict[str, Any]:
+    """Cross-validate the candidates, register the best as ``challenger``; its MLflow run's URL."""
+    from tasks.train import load_training_config, train_and_register
+    from tasks.transform import read_preprocessor
+
+    settings = plan.settings
+    trained = train_and_register(
+        train=storage.read_parquet(s3, storage.parse_s3_uri(features["train_uri"])),
+        preprocessor=read_preprocessor(s3, features["preprocessor_uri"]),
+        spec=plan.spec,
+        config=load_training_config(),
+        tracking_uri=settings.mlflow_tracking_uri,
+        experiment=settings.mlflow_experiment,
+        model_name=plan.model_name,
+        lineage=plan.training_lineage(features, validation_uri),
+        tags=plan.training_tags(dag_id, run_id),
+    )
+    url = storage.mlflow_run_url(settings.mlflow_tracking_uri, trained["experiment_id"], trained["run_id"])
+    return {**trained, "mlflow_run_url": url}
+
+
+def evaluate(
+    plan: RunPlan, s3: Any, features: Mapping[str, Any], training: Mapping[str, Any], validation_uri: str
+) -> dict[str, Any]:
+    """Challenger and champion on the same test split; the gate's decision (no alias moves)."""
+    from tasks.registry import evaluate_challenger
+    from tasks.train import load_training_config
+
+    if plan.force_gate:
+        log.warning("gate override requested: %s (%s)", plan.force_gate, plan.force_reason)
+    settings = plan.settings
+    evaluation = evaluate_challenger(
+        test=storage.read_parquet(s3, storage.parse_s3_uri(features["test_uri"])),
+        spec=plan.spec,
+        rule=load_training_config().gate,
+        tracking_uri=settings.mlflow_tracking_uri,
+        model_name=plan.model_name,
+        training=dict(training),
+        data=plan.evaluation_data(features, validation_uri),
+        trigger=dict(plan.trigger),
+        force=plan.force_gate,
+        force_reason=plan.force_reason,
+    )
+    return {**evaluation, "mlflow_run_url": training["mlflow_run_url"]}
+
+
+def record_decision(plan: RunPlan, store: Store, evaluation: Mapping[str, Any], dag_run_id: str) -> None:
+    """The gate decision's row in the promotion log (a rerun of the run overwrites it)."""
+    row = monitoring_store.promotion_row(
+        dag_run_id=dag_run_id,
+        model_name=plan.model_name,
+        ds=plan.ds,
+        evaluation=evaluation,
+        decided_at=monitoring_store.now(),
+    )
+    monitoring_store.write(store, "promotion_log", [row])
+
+
+def promote(plan: RunPlan, store: Store, evaluation: Mapping[str, Any], dag_run_id: str) -> dict[str, Any]:
+    """``champion`` to the challenger (the old one becomes ``previous_champion``); logged."""
+    from tasks.registry import promote as move_aliases
+
+    aliases = move_aliases(
+        tracking_uri=plan.settings.mlflow_tracking_uri,
+        model_name=plan.model_name,
+        version=evaluation["challenger_version"],
+    )
+    record_decision(plan, store, evaluation, dag_run_id)
+    return {**aliases, "decision": evaluation["decision"], "reasons": evaluation["reasons"]}
+
+
+def keep_champion(plan: RunPlan, store: Store, evaluation: Mapping[str, Any], dag_run_id: str) -> dict[str, Any]:
+    """Both aliases stay; the reasons are logged."""
+    log.warning("champion kept (v%s): %s", evaluation["champion_version"], "; ".join(evaluation["reasons"]))
+    record_decision(plan, store, evaluation, dag_run_id)
+    return {
+        "champion_version": evaluation["champion_version"],
+        "decision": evaluation["decision"],
+        "reasons": evaluation["reasons"],
+    }
+
+
+def champion_event(plan: RunPlan, promoted: Mapping[str, Any], evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """The champion asset event's details (one per promotion)."""
+    return {
+        "model_name": plan.model_name,
+        "version": promoted["champion_version"],
+        "previous_version": promoted.get("previous_champion_version"),
+        "mlflow_run_id": evaluation["run_id"],
+        "ds": plan.ds,
+    }

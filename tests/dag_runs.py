@@ -1,0 +1,68 @@
+"""DAG runs for the tests: ``scripts.dag_runner.run_dag`` plus what the tests inspect through the ORM.
+
+The product code reads runs through Airflow's public CLI and the project's own records; the
+tests may look inside Airflow's metadata database (task states and XComs of a run, queued runs
+with their conf), which is what this helper does, in one place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scripts import dag_runner
+
+
+@dataclass
+class TestRun(dag_runner.RunReport):
+    """A finished run with every task's state and every XCom (``task_id`` or ``task_id:key``)."""
+
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+def run_dag(
+    dag_id: str, when: str | dt.datetime, conf: Mapping[str, Any] | None = None, log_path: Path | None = None
+) -> TestRun:
+    from airflow.models.dagrun import DagRun
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    report = dag_runner.run_dag(dag_id, when, conf=conf, log_path=log_path)
+    run = TestRun(**report.__dict__)
+    order = [t.task_id for t in dag_runner.load_dag(dag_id).topological_sort()]
+    with create_session() as session:
+        dag_run = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == report.run_id).one()
+        states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances(session=session)}
+        run.task_states = {task_id: states[task_id] for task_id in order if task_id in states}
+        for row in session.scalars(XComModel.get_many(run_id=report.run_id, dag_ids=dag_id)).all():
+            name = row.task_id if row.key == "return_value" else f"{row.task_id}:{row.key}"
+            run.outputs[name] = XComModel.deserialize_value(row)
+    return run
+
+
+def queued_runs(dag_id: str) -> list[dict[str, Any]]:
+    """Runs of ``dag_id`` created but not started, oldest first, with their conf."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        runs = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.state == "queued").all()
+        found = [{"run_id": r.run_id, "logical_date": r.logical_date, "conf": dict(r.conf or {})} for r in runs]
+    return sorted(found, key=lambda r: r["logical_date"])
+
+
+def run_queued(dag_id: str, log_path: Path | None = None) -> list[tuple[dict[str, Any], TestRun]]:
+    """Execute every queued run of ``dag_id`` with its own conf, as ``make run`` does (``dag.test()``)."""
+    return [(run, run_dag(dag_id, run["logical_date"], run["conf"], log_path)) for run in queued_runs(dag_id)]
+
+
+def discard_queued_runs(dag_id: str) -> None:
+    """Leave no queued run behind for the other test modules."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.state == "queued").delete()

@@ -1,0 +1,142 @@
+"""The deploy group's steps without Airflow: target choice, smoke sample, deployment rows, the rollback."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pandas as pd
+import pytest
+from moto import mock_aws
+
+from tasks import delivery, registry
+from tasks.config import Settings
+from tasks.datagen import generate
+from tasks.plan import plan_run
+
+RELEASE = {"model_name": "network_security", "model_version": "7", "run_id": "r", "git_sha": "abc"}
+IMAGE = {"image_uri": "123.dkr.ecr.us-east-1.amazonaws.com/serving:network-security-v7"}
+
+
+def plan(targets: str = "local,ec2"):
+    return plan_run(Settings(deploy_targets=targets), {}, "2026-01-31", "manual", ["network_security"])
+
+
+@pytest.mark.parametrize(
+    ("targets", "fleet", "local_running", "expected"),
+    [
+        (("local", "ec2"), {"instance_ids": ["i-1"]}, True, ("ec2", "local")),
+        (("local", "ec2"), None, True, ("local",)),  # the release never reached the fleet
+        (("local", "ec2"), {"instance_ids": []}, False, ()),
+        (("ec2",), {"instance_ids": ["i-1"]}, True, ("ec2",)),  # local is not a target
+        (("local",), {"instance_ids": ["i-1"]}, False, ()),  # no server runs: nothing to reload
+        ((), {"instance_ids": ["i-1"]}, True, ()),
+    ],
+)
+def test_rollback_targets(targets, fleet, local_running, expected):
+    assert delivery.rollback_targets(targets, fleet, local_running) == expected
+
+
+@pytest.mark.parametrize(("targets", "target", "selected"), [("local,ec2", "ec2", True), ("local", "ec2", False)])
+def test_require_target(targets, target, selected):
+    if selected:
+        delivery.require_target(plan(targets), target)
+    else:
+        with pytest.raises(delivery.TargetNotSelected, match="'ec2' is not in deploy_targets='local'"):
+            delivery.require_target(plan(targets), target)
+
+
+def test_smoke_records_are_a_fixed_sample_with_their_labels(network_spec):
+    test = generate(network_spec, 200, seed=3)
+    records, labels = delivery.smoke_records(test, network_spec, 64)
+    again, _ = delivery.smoke_records(test, network_spec, 64)
+    assert len(records) == len(labels) == 64 and records == again
+    assert set(records[0]) == set(network_spec.feature_names)
+    frame = pd.DataFrame(records)
+    matched = test.merge(frame.assign(label=labels), on=network_spec.feature_names)
+    assert (matched[network_spec.target.name] == matched["label"]).all()
+    assert len(delivery.smoke_records(test.head(10), network_spec, 64)[0]) == 10
+
+
+def test_deployed_rows_one_per_target_that_shipped():
+    fleet = {"instance_ids": ["i-1", "i-2"]}
+    local = {"url": "http://127.0.0.1:8000", "old_version": "6", "new_version": "7"}
+    smoke = {"accuracy": 0.97}
+    rows = delivery.deployed_rows(
+        dag_run_id="run", release=RELEASE, image=IMAGE, fleet=fleet, rollout_command_id="cmd-1",
+        local=local, smoke=smoke, recorded_at="t",
+    )  # fmt: skip
+    assert [r["target"] for r in rows] == ["ec2", "local"]
+    assert "on 2 instance(s) (SSM command cmd-1)" in rows[0]["detail"]
+    assert json.loads(rows[0]["instance_ids"]) == ["i-1", "i-2"]
+    assert rows[1]["endpoint"] == local["url"] and '"accuracy": 0.97' in rows[1]["detail"]
+    only_local = delivery.deployed_rows(
+        dag_run_id="run", release=RELEASE, image=IMAGE, fleet=None, rollout_command_id=None,
+        local=local, smoke=smoke,
+    )  # fmt: skip
+    assert [r["target"] for r in only_local] == ["local"] and only_local[0]["recorded_at"]
+
+
+def test_record_deployment_writes_the_rows_and_says_what_serves_where(store):
+    rows = delivery.deployed_rows(
+        dag_run_id="run", release=RELEASE, image=IMAGE, fleet={"instance_ids": ["i-1"]}, rollout_command_id=None,
+        local={"url": "http://x", "old_version": "6", "new_version": "7"}, smoke={}, recorded_at="t",
+    )  # fmt: skip
+    recorded = delivery.record_deployment(store, rows, RELEASE)
+    assert recorded == {
+        "model_name": "network_security", "model_version": "7", "image_uri": IMAGE["image_uri"],
+        "targets": ["ec2", "local"], "endpoint": "http://x",
+    }  # fmt: skip
+    assert len(store.table("deployment_log")) == 2
+
+
+def test_a_run_that_failed_before_the_release_rolls_nothing_back(store):
+    with pytest.raises(delivery.NothingReleased):
+        delivery.roll_back(
+            plan(), store=store, release=None, fleet=None, ssm=None, region="us-east-1", server=None,
+            api_key=None, dag_run_id="run",
+        )  # fmt: skip
+    assert store.table("deployment_log") == []
+
+
+def test_a_first_release_cannot_be_rolled_back_and_says_so_in_the_log(store, monkeypatch):
+    def nothing(**kwargs):
+        raise registry.NothingToRollBack("network_security has no previous_champion alias (champion is v7)")
+
+    monkeypatch.setattr(registry, "roll_back", nothing)
+    with pytest.raises(registry.NothingToRollBack, match="deploy of network_security v7 failed and cannot be"):
+        delivery.roll_back(
+            plan(), store=store, release=RELEASE, fleet=None, ssm=None, region="us-east-1", server=None,
+            api_key=None, dag_run_id="run",
+        )  # fmt: skip
+    rows = store.table("deployment_log")
+    assert {(r["target"], r["status"]) for r in rows} == {("local", "rollback_failed"), ("ec2", "rollback_failed")}
+
+
+def test_a_failed_release_on_the_fleet_is_sent_back_through_ssm(store, monkeypatch, aws_isolation):
+    monkeypatch.setattr(registry, "roll_back", lambda **kwargs: {"champion_version": "6", "rolled_back_version": "7"})
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        ssm = boto3.client("ssm", region_name="us-east-1")
+        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        instance = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        result = delivery.roll_back(
+            plan(), store=store, release=RELEASE, fleet={"instance_ids": [instance]}, ssm=ssm,
+            region="us-east-1", server=None, api_key=None, dag_run_id="run",
+        )  # fmt: skip
+        (command,) = ssm.list_commands()["Commands"]
+    assert result["champion_version"] == "6" and result["rolled_back_version"] == "7"
+    assert command["DocumentName"] == "AWS-RunShellScript" and command["InstanceIds"] == [instance]
+    assert "ACTION=rollback" in command["Parameters"]["commands"]
+    assert command["Comment"] == "roll back to v6"
+    (row,) = store.table("deployment_log")
+    assert (row["target"], row["status"], row["model_version"]) == ("ec2", "rolled_back", "6")
+    assert command["CommandId"] in row["detail"]
+
+
+def test_a_smoke_test_without_its_held_out_split_says_what_to_do(buckets):
+    from tasks.deploy import SmokeTestFailed
+
+    release = {**RELEASE, "test_uri": "s3://network-security-lake/features/network_security/ds=2026-01-31/test.parquet"}
+    with pytest.raises(SmokeTestFailed, match=r"held-out split of v7 .* is not in S3.*`make run`"):
+        delivery.smoke(plan(), buckets, release, {"url": "http://127.0.0.1:9"}, "key")
