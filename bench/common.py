@@ -333,7 +333,7 @@ def resolve_alias(tracking_uri: str, model_name: str, alias: str, who: str) -> s
     """The version ``model_name@alias`` points at; exits naming the problem when there is none."""
     from mlflow import MlflowClient
 
-    from tasks.registry import alias_version
+    from tasks.tracking import alias_version
 
     version = alias_version(MlflowClient(tracking_uri=tracking_uri), model_name, alias)
     if version is None:

@@ -198,8 +198,7 @@ def load_scoring_model(tracking_uri: str, model_name: str, version: str | None, 
     """
     from mlflow import MlflowClient
 
-    from tasks.registry import alias_version
-    from tasks.train import CHAMPION, check_tracking_server
+    from tasks.tracking import CHAMPION, alias_version, check_tracking_server
 
     check_tracking_server(tracking_uri)
     if version is None:

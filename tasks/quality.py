@@ -458,8 +458,7 @@ def run_quality_check(
     """
     from mlflow import MlflowClient
 
-    from tasks.registry import alias_version
-    from tasks.train import CHAMPION, check_tracking_server
+    from tasks.tracking import CHAMPION, alias_version, check_tracking_server
 
     check_tracking_server(tracking_uri)
     champion = alias_version(MlflowClient(tracking_uri=tracking_uri), model_name, CHAMPION)

@@ -81,7 +81,7 @@ def test_config_file_and_layout(network_spec: DatasetSpec) -> None:
         day.log_key(MODEL, SCORED_AT, "part-0", 3)
         == f"predictions/{MODEL}/dt=2026-03-11/00/batch-{DS}-part-0-00003.parquet"
     )
-    with pytest.raises(ValueError, match="ds must be a date"):
+    with pytest.raises(ValueError, match="ds must be a day written YYYY-MM-DD"):
         BatchLayout(RAW, LAKE, network_spec, "yesterday")
 
 
