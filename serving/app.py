@@ -12,13 +12,12 @@ Endpoints: ``GET /health`` (liveness), ``GET /ready`` (a model is loaded), ``GET
 # types of the endpoints from their annotations, and those types are generated at run time
 # from the dataset spec inside create_app, where string annotations could not be resolved.
 
+import asyncio
 import collections
 import datetime as dt
 import logging
-import re
 import secrets
-import time
-import uuid
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,12 +32,12 @@ from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.batching import MicroBatcher
 from serving.config import ServingSettings
+from serving.edge import API_KEY_HEADER, Edge, EdgeMetrics, EdgePolicy
 from serving.model_store import ModelHandle, ModelStore, ModelUnavailable
-from serving.prediction_log import PredictionLog
+from serving.prediction_log import IndexedIds, LogChunk, LogUnavailable, PredictionLog, RecordEncoder
 from serving.predictor import Predictor
 from serving.schema import (
     BatchPrediction,
@@ -55,10 +54,6 @@ from tasks.dataset_spec import DatasetSpec, load_spec
 
 log = logging.getLogger(__name__)
 
-API_KEY_HEADER = "X-API-Key"
-REQUEST_ID_HEADER = "X-Request-ID"
-# A caller's request id is reused (to trace a call through a gateway) only when it is this tame.
-_CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorDetail, "description": "The X-API-Key header is missing."},
     403: {"model": ErrorDetail, "description": "The X-API-Key header is wrong."},
@@ -69,12 +64,21 @@ _NO_MODEL_RESPONSE: dict[int | str, dict[str, Any]] = {
 _UNREADABLE_BODY_RESPONSE: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorDetail, "description": "The body cannot be decoded (e.g. not UTF-8)."},
 }
+_ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "The X-API-Key header is missing."},
+    403: {"model": ErrorDetail, "description": "The X-API-Key header is not the admin key (or the server has none)."},
+    409: {"model": ErrorDetail, "description": "A model load is running; retry after it (Retry-After)."},
+}
 _PREDICTION_LOG_COUNTERS = {
-    "enqueued": "Predictions queued for the prediction log.",
-    "written": "Predictions written to S3.",
+    "enqueued": "Predictions handed to the prediction log (each one answered 200).",
+    "written": "Predictions written to S3 (including those replayed from a previous run's spool).",
     "batches_written": "Objects written to S3 by the prediction log.",
-    "write_failures": "Failed writes to S3 (each retried).",
-    "dropped": "Predictions dropped because the buffer was full while S3 was unavailable.",
+    "write_failures": "Failed PUTs to S3; each is retried under the same key until it succeeds.",
+    "replayed": "Predictions a previous run left in the spool, written to S3 by this one.",
+    "dropped": "Predictions lost: still not written to S3 when a shutdown gave up waiting "
+    "(PREDICTION_LOG_CLOSE_TIMEOUT_SECONDS) with no spool to keep them. While the server runs, nothing is "
+    "dropped: past the high-water mark new predictions are refused (http_requests_shed_total).",
+    "left_in_spool": "Predictions not yet written to S3 at shutdown, kept in the spool for the next start.",
 }
 
 
@@ -100,25 +104,20 @@ class _ServingCollector(Collector):
         for name, documentation in _PREDICTION_LOG_COUNTERS.items():
             yield CounterMetricFamily(f"prediction_log_{name}", documentation, value=stats[name])
         yield GaugeMetricFamily(
-            "prediction_log_buffered_records", "Predictions waiting to be written.", value=stats["buffered"]
+            "prediction_log_buffered_records",
+            "Predictions handed to the log and not yet written to S3 (buffered, spooled or in a PUT).",
+            value=stats["buffered"],
+        )
+        yield GaugeMetricFamily("prediction_log_puts_in_flight", "PUTs to S3 in progress.", value=stats["in_flight"])
+        yield GaugeMetricFamily(
+            "prediction_log_spool_bytes", "Bytes in the spool not yet written to S3.", value=stats["spool_bytes"]
         )
 
 
 class _Metrics:
     def __init__(self, store: ModelStore, prediction_log: PredictionLog | None) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "http_requests",
-            "HTTP requests by endpoint and status.",
-            ["endpoint", "method", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "http_request_duration_seconds",
-            "Time to answer, by endpoint.",
-            ["endpoint", "method"],
-            registry=self.registry,
-        )
+        self.edge = EdgeMetrics(self.registry)
         self.predictions = Counter(
             "predictions",
             "Predictions served, by predicted label and model version.",
@@ -134,51 +133,6 @@ class _Metrics:
         self.registry.register(_ServingCollector(store, prediction_log))
 
 
-def _endpoint_label(scope: Scope) -> str:
-    # The route template, not the raw path: unknown paths must not create new time series.
-    route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
-
-
-class _Observe:
-    """ASGI middleware: the request id (``X-Request-ID`` in and out) and the request metrics.
-
-    Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware``
-    runs every request through an extra task and memory streams, which costs more than
-    scoring a record.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: _Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        caller_id = next((value.decode("latin-1") for name, value in scope["headers"] if name == _REQUEST_ID_KEY), "")
-        request_id = caller_id if _CALLER_REQUEST_ID.match(caller_id) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), (_REQUEST_ID_KEY, request_id.encode())]}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            endpoint = _endpoint_label(scope)
-            method = scope["method"]
-            self.metrics.requests.labels(endpoint, method, str(status)).inc()
-            self.metrics.latency.labels(endpoint, method).observe(time.perf_counter() - started)
-
-
-_REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()
 FastHandler = Callable[[Request], Awaitable[Response | None]]
 
 
@@ -251,17 +205,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Loading takes seconds (download, skops): keep it off the event loop.
-        await run_in_threadpool(store.start)
+        # The spool (if any) is taken over first: a folder that cannot be used fails the start.
         if prediction_log is not None:
-            prediction_log.start()
+            await run_in_threadpool(prediction_log.start)
+        # The model loads in the background: the server listens at once, /ready says when it serves.
+        store.start()
         try:
             yield
         finally:
             await batcher.aclose()
             await run_in_threadpool(store.stop)
             if prediction_log is not None:
-                await run_in_threadpool(prediction_log.close)
+                await run_in_threadpool(prediction_log.close, settings.prediction_log_close_timeout_seconds)
 
     app = FastAPI(
         title="Network security model server",
@@ -275,26 +230,49 @@ def create_app(
     app.state.prediction_log = prediction_log
     app.state.metrics_registry = metrics.registry
     app.state.batcher = batcher
-    app.add_middleware(_Observe, metrics=metrics)
 
-    expected_key = settings.api_key.encode() if settings.api_key else None
+    predict_key = settings.api_key.encode() if settings.api_key else None
+    admin_key = settings.admin_api_key.encode() if settings.admin_api_key else None
+    body_limit = settings.body_limit([spec.feature_names])
+    policy = EdgePolicy(
+        predict_key=predict_key,
+        admin_key=admin_key,
+        admin_open=predict_key is None and admin_key is None,
+        body_limit=lambda: body_limit,
+        max_concurrent=settings.max_concurrent_requests,
+        backlog_reason=prediction_log.backlog_reason if prediction_log is not None else lambda: None,
+    )
+    app.add_middleware(Edge, policy=policy, metrics=metrics.edge)
+    app.state.edge_policy = policy
+
+    # The edge has checked the key before the body was read; these dependencies check it again
+    # (for a request that reached the app some other way) and document it in the OpenAPI schema.
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="The server's API key.")
+    admin_header = APIKeyHeader(
+        name=API_KEY_HEADER, scheme_name="AdminKey", auto_error=False, description="The server's admin key."
+    )
 
-    def key_accepted(key: str | None) -> bool:
-        if expected_key is None:
-            return True
-        # As bytes: compare_digest refuses non-ASCII strings, and Starlette decodes header bytes as latin-1.
-        return bool(key) and secrets.compare_digest(key.encode("latin-1"), expected_key)  # type: ignore[union-attr]
-
-    def require_api_key(key: str | None = Security(key_header)) -> None:
-        if expected_key is None:
+    def _check(key: str | None, expected: bytes | None) -> None:
+        if expected is None:
             return
         if not key:
             raise HTTPException(401, detail=f"missing {API_KEY_HEADER} header")
-        if not key_accepted(key):
+        # As bytes: compare_digest refuses non-ASCII strings, and Starlette decodes header bytes as latin-1.
+        if not secrets.compare_digest(key.encode("latin-1"), expected):
             raise HTTPException(403, detail="invalid API key")
 
+    def require_api_key(key: str | None = Security(key_header)) -> None:
+        _check(key, predict_key)
+
+    def require_admin_key(key: str | None = Security(admin_header)) -> None:
+        if admin_key is None and not policy.admin_open:
+            raise HTTPException(
+                403, detail="admin API disabled: set ADMIN_API_KEY (or ADMIN_API_KEY_FILE) on the server"
+            )
+        _check(key, admin_key)
+
     authenticated = [Depends(require_api_key)]
+    admin_only = [Depends(require_admin_key)]
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
@@ -310,12 +288,11 @@ def create_app(
 
     @app.get("/ready", response_model=Status, tags=["probes"], responses={503: {"model": Status}})
     def ready() -> Any:
-        """Readiness: a model is loaded. Open."""
+        """Readiness: a model is loaded (503 with the reason until then). Open."""
         handle = store.current
         if handle is None:
             return JSONResponse(
-                Status(status="not ready", detail=store.last_error or "model not loaded yet").model_dump(),
-                status_code=503,
+                Status(status="not ready", detail=store.not_ready_reason()).model_dump(), status_code=503
             )
         return Status(status="ready", model_version=handle.version)
 
@@ -346,7 +323,7 @@ def create_app(
     # The fast lane: authenticated, well-formed JSON is decoded by msgspec and answered
     # directly; everything else (and any body msgspec refuses) takes FastAPI's declared path.
     def fast_lane_body(request: Request) -> bool:
-        return decoder is not None and _is_json(request) and key_accepted(request.headers.get(API_KEY_HEADER))
+        return decoder is not None and _is_json(request)
 
     async def fast_predict(request: Request) -> Response | None:
         if not fast_lane_body(request):
@@ -375,7 +352,7 @@ def create_app(
         """Score up to MAX_BATCH_SIZE records; predictions come back in request order."""
         request_id = request.state.request_id
         rows = [scorer.row_of(record) for record in batch.records]  # type: ignore[attr-defined]
-        handle, labels, probabilities = scorer.score(rows, [f"{request_id}:{i}" for i in range(len(rows))])
+        handle, labels, probabilities = scorer.score(rows, IndexedIds(request_id, len(rows)))
         predictions = [
             Prediction(
                 label=label,
@@ -407,17 +384,25 @@ def create_app(
     @app.post(
         "/admin/reload",
         response_model=ReloadResult,
-        dependencies=authenticated,
+        dependencies=admin_only,
         responses={
-            **_AUTH_RESPONSES,
+            **_ADMIN_RESPONSES,
             503: {"model": ErrorDetail, "description": "Reload failed; the old model serves on."},
         },
         tags=["admin"],
     )
-    def reload_model() -> ReloadResult:
-        """Resolve the alias now and serve the version it points at (no-op when unchanged)."""
+    async def reload_model() -> ReloadResult:
+        """Resolve the alias now and serve the version it points at (no-op when unchanged). Admin key."""
+        running = store.begin_reload()
+        if running is None:
+            raise HTTPException(
+                409,
+                detail=f"a load of {store.model_name} is running; retry when it is done",
+                headers={"Retry-After": "1"},
+            )
         try:
-            old, new = store.reload()
+            # Awaited, not joined: the load runs on the store's own thread, no worker thread waits for it.
+            old, new = await asyncio.wrap_future(running)
         except ModelUnavailable as err:
             serving = store.current.version if store.current else "nothing"
             raise HTTPException(503, detail=f"reload failed, still serving {serving}: {err}") from err
@@ -456,16 +441,7 @@ class _Scorer:
         self.metrics = metrics
         self.feature_names = spec.feature_names
         self.columns = list(spec.features)
-        # Keys of a prediction-log record, in the order it has always been written.
-        self.log_keys = (
-            "request_id",
-            "timestamp",
-            "model_name",
-            "model_version",
-            *self.feature_names,
-            "label",
-            "probability",
-        )
+        self.encoder = RecordEncoder(self.feature_names)
 
     def require_model(self) -> ModelHandle:
         handle = self.store.current
@@ -530,11 +506,11 @@ class _Scorer:
 
     def batch_body(self, rows: list[tuple[Any, ...]], request_id: str) -> bytes:
         """The JSON answer to a batch request (scored and encoded off the event loop)."""
-        request_ids = [f"{request_id}:{i}" for i in range(len(rows))]
-        handle, labels, probabilities = self.score(rows, request_ids)
+        handle, labels, probabilities = self.score(rows, IndexedIds(request_id, len(rows)))
+        name, version = handle.name, handle.version
         predictions = [
-            _PredictionBody(label, probability, handle.name, handle.version, rid)
-            for label, probability, rid in zip(labels, probabilities, request_ids, strict=True)
+            _PredictionBody(label, probability, name, version, f"{request_id}:{i}")
+            for i, (label, probability) in enumerate(zip(labels, probabilities, strict=True))
         ]
         return msgspec.json.encode(_BatchBody(predictions, handle.version, request_id))
 
@@ -548,19 +524,28 @@ class _Scorer:
     ) -> None:
         assert self.prediction_log is not None
         timestamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        keys, name, version = self.log_keys, handle.name, handle.version
-        self.prediction_log.log(
-            dict(zip(keys, (request_id, timestamp, name, version, *row, label, p), strict=True))
-            for request_id, row, label, p in zip(request_ids, rows, labels, probabilities, strict=True)
-        )
+        chunk = LogChunk(self.encoder, handle.name, handle.version, timestamp, request_ids, rows, labels, probabilities)
+        try:
+            self.prediction_log.log_chunk(chunk)
+        except LogUnavailable as err:
+            # Not answered 200: a prediction the log could not keep is not given either.
+            log.error("prediction log unavailable: %s", err)
+            raise HTTPException(503, detail=f"prediction log unavailable: {err}", headers={"Retry-After": "2"}) from err
 
 
 def _followed(settings: ServingSettings) -> str:
     return f"pinned version {settings.model_version}" if settings.model_version else f"alias @{settings.model_alias}"
 
 
+_module_app_lock = threading.Lock()
+
+
 def __getattr__(name: str) -> Any:
-    # `uvicorn serving.app:app` works too, without building an app (and reading the environment) at import time.
-    if name == "app":
-        return create_app()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # `uvicorn serving.app:app` works too, without building an app (and reading the environment) at
+    # import time. Built once: the module attribute is set, so later lookups never reach here again.
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _module_app_lock:
+        if "app" not in globals():
+            globals()["app"] = create_app()
+    return globals()["app"]

@@ -7,8 +7,10 @@ a small real pipeline (preprocessor + logistic regression) logged exactly as
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,7 @@ from tasks.transform import build_preprocessor
 
 MODEL_NAME = "network_security"
 API_KEY = "test-api-key"
+ADMIN_KEY = "test-admin-key"
 LOG_BUCKET = "network-security-lake"
 PIP_REQUIREMENTS = ["scikit-learn", "skops"]
 
@@ -134,6 +137,7 @@ def make_settings(registry: Registry, **overrides: Any) -> ServingSettings:
         "tracking_uri": registry.tracking_uri,
         "model_name": registry.model_name,
         "api_key": API_KEY,
+        "admin_api_key": ADMIN_KEY,
         "prediction_log_bucket": LOG_BUCKET,
         "prediction_log_flush_seconds": 0.05,
         "max_batch_size": 50,
@@ -160,17 +164,36 @@ def settings(champion_is_v1: Registry) -> ServingSettings:
     return make_settings(champion_is_v1)
 
 
+@contextlib.contextmanager
+def serving_client(app: Any, *, ready: bool = True, timeout: float = 30.0) -> Iterator[TestClient]:
+    """A TestClient running the app's lifespan; with ``ready``, once ``/ready`` answers 200.
+
+    The model loads in the background at start-up, so a test that scores waits for it.
+    """
+    with TestClient(app) as client:
+        deadline = time.monotonic() + timeout
+        while ready and client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, f"not ready within {timeout} s: {client.get('/ready').json()}"
+            time.sleep(0.02)
+        yield client
+
+
 @pytest.fixture
 def api(settings: ServingSettings, aws: Any) -> Iterator[TestClient]:
-    """The app on the test registry and the mocked S3, its lifespan running."""
+    """The app on the test registry and the mocked S3, its lifespan running and its model loaded."""
     app = create_app(settings, prediction_log=make_log(aws))
-    with TestClient(app) as client:
+    with serving_client(app) as client:
         yield client
 
 
 @pytest.fixture
 def auth() -> dict[str, str]:
     return {"X-API-Key": API_KEY}
+
+
+@pytest.fixture
+def admin() -> dict[str, str]:
+    return {"X-API-Key": ADMIN_KEY}
 
 
 def loaded_store(registry: Registry) -> ModelStore:
