@@ -337,11 +337,11 @@ def create_app(
     async def fast_predict_batch(request: Request) -> Response | None:
         if not fast_lane_body(request):
             return None
-        rows = decoder.batch(await request.body())  # type: ignore[union-attr]
-        if rows is None:
+        # Decoding a large batch takes milliseconds: with the scoring, on a worker thread, off the event loop.
+        answer = await run_in_threadpool(scorer.batch_answer, decoder, await request.body(), request.state.request_id)
+        if answer is None:
             return None
-        body = await run_in_threadpool(scorer.batch_body, rows, request.state.request_id)
-        return Response(body, media_type="application/json")
+        return Response(answer, media_type="application/json")
 
     async def predict(record: record_type, request: Request) -> Prediction:  # type: ignore[valid-type]
         """Score one record."""
@@ -441,7 +441,7 @@ class _Scorer:
         self.metrics = metrics
         self.feature_names = spec.feature_names
         self.columns = list(spec.features)
-        self.encoder = RecordEncoder(self.feature_names)
+        self.encoder = RecordEncoder(self.feature_names, [c.name for c in spec.features if c.is_integer])
 
     def require_model(self) -> ModelHandle:
         handle = self.store.current
@@ -456,7 +456,7 @@ class _Scorer:
         return tuple(values[name] for name in self.feature_names)
 
     def score(
-        self, rows: Sequence[tuple[Any, ...]], request_ids: Sequence[str], *, each: bool = False
+        self, rows: Any, request_ids: Sequence[str], *, each: bool = False, logged_rows: Any = None
     ) -> tuple[ModelHandle, list[Any], list[float]]:
         """Predict with the current model (read once: a concurrent reload cannot mix versions).
 
@@ -465,6 +465,7 @@ class _Scorer:
             request_ids: The prediction-log id of each row.
             each: Give every row the answer it would get scored alone (micro-batches of
                 single-record requests); else score the rows as one batch.
+            logged_rows: The rows as the prediction log writes them, when not ``rows`` itself.
 
         Returns:
             The model used, the labels (the spec's values) and the positive-class probabilities.
@@ -491,7 +492,9 @@ class _Scorer:
         for label, count in collections.Counter(label_values).items():
             self.metrics.predictions.labels(str(label), handle.version).inc(count)
         if self.prediction_log is not None:
-            self._log(handle, rows, request_ids, label_values, probability_values)
+            self._log(
+                handle, rows if logged_rows is None else logged_rows, request_ids, label_values, probability_values
+            )
         return handle, label_values, probability_values
 
     def answer_each(self, items: list[tuple[tuple[Any, ...], str]]) -> list[_PredictionBody]:
@@ -504,9 +507,15 @@ class _Scorer:
             for label, probability, request_id in zip(labels, probabilities, request_ids, strict=True)
         ]
 
-    def batch_body(self, rows: list[tuple[Any, ...]], request_id: str) -> bytes:
+    def batch_answer(self, decoder: Any, body: bytes, request_id: str) -> bytes | None:
+        """The JSON answer to a batch request body, or None when the fast decoder refuses it."""
+        decoded = decoder.batch(body)
+        return None if decoded is None else self.batch_body(decoded.rows, request_id, decoded.records)
+
+    def batch_body(self, rows: Any, request_id: str, logged_rows: Any = None) -> bytes:
         """The JSON answer to a batch request (scored and encoded off the event loop)."""
-        handle, labels, probabilities = self.score(rows, IndexedIds(request_id, len(rows)))
+        ids = IndexedIds(request_id, len(rows))
+        handle, labels, probabilities = self.score(rows, ids, logged_rows=logged_rows)
         name, version = handle.name, handle.version
         predictions = [
             _PredictionBody(label, probability, name, version, f"{request_id}:{i}")

@@ -97,13 +97,17 @@ class RecordEncoder:
 
     Args:
         feature_names: The dataset spec's features, in the order of the chunk's rows.
+        integer_features: Those that are integers: written as JSON integers when a chunk's
+            rows come as a float matrix.
     """
 
-    def __init__(self, feature_names: Sequence[str]) -> None:
+    def __init__(self, feature_names: Sequence[str], integer_features: Iterable[str] = ()) -> None:
         clashes = sorted(RESERVED_RECORD_KEYS & set(feature_names))
         if clashes:
             raise ValueError(f"features named like prediction-log fields: {clashes}")
         self.feature_names = list(feature_names)
+        integers = set(integer_features)
+        self._integer = [name in integers for name in self.feature_names]
         names = [*LEADING_KEYS, *self.feature_names, *TRAILING_KEYS]
         fields: list[Any] = [(f"f{i}", Any, msgspec.field(name=name)) for i, name in enumerate(names)]
         fields += [(f"o{i}", Any, msgspec.field(default=None, name=name)) for i, name in enumerate(OPTIONAL_KEYS)]
@@ -113,7 +117,7 @@ class RecordEncoder:
     def encode(self, chunk: LogChunk) -> bytes:
         """The chunk's records as JSON lines."""
         record, ts, name, version = self._record, chunk.timestamp, chunk.model_name, chunk.model_version
-        rows = chunk.rows.tolist() if hasattr(chunk.rows, "tolist") else chunk.rows
+        rows = self._python_rows(chunk.rows)
         ids = chunk.request_ids
         if chunk.shadow_version is None and chunk.role is None:
             records = [
@@ -132,6 +136,19 @@ class RecordEncoder:
                 )
             ]
         return self._encoder.encode_lines(records)
+
+    def _python_rows(self, rows: Any) -> Any:
+        """Rows of Python values (tuples): decoded structs as tuples, a matrix column by column with
+        integers as ints (exact: such a matrix holds them exactly)."""
+        if not hasattr(rows, "ndim"):
+            if rows and isinstance(rows[0], msgspec.Struct):
+                return list(map(msgspec.structs.astuple, rows))
+            return rows
+        columns = [
+            (rows[:, j].astype("int64") if integer and rows.dtype.kind == "f" else rows[:, j]).tolist()
+            for j, integer in enumerate(self._integer)
+        ]
+        return list(zip(*columns, strict=True)) if columns else [() for _ in range(len(rows))]
 
 
 class IndexedIds(Sequence[str]):
@@ -166,7 +183,8 @@ class LogChunk:
         model_version: Version that answered.
         timestamp: When they were scored (ISO-8601, UTC, milliseconds): decides the partition.
         request_ids: One prediction-log id per row.
-        rows: Feature values per row (tuples, or a 2-D array), in the encoder's feature order.
+        rows: Feature values per row (tuples, msgspec structs of the features, or a 2-D array),
+            in the encoder's feature order.
         labels: Predicted labels.
         probabilities: Positive-class probabilities.
         role: ``baseline`` or ``canary`` while a release runs, else None (key left out).
