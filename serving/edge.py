@@ -72,6 +72,7 @@ ROUTES: tuple[tuple[re.Pattern[str], str, str], ...] = tuple(
         (f"/models/{_NAME}", "/models/{name}", READ),
         ("/admin/reload", "/admin/reload", ADMIN),
         (f"/admin/models/{_NAME}", "/admin/models/{name}", ADMIN),
+        (f"/admin/models/{_NAME}/reload", "/admin/models/{name}/reload", ADMIN),
         (f"/admin/models/{_NAME}/release", "/admin/models/{name}/release", ADMIN),
         (f"/admin/models/{_NAME}/release/abort", "/admin/models/{name}/release/abort", ADMIN),
         (f"/admin/models/{_NAME}/release/complete", "/admin/models/{name}/release/complete", ADMIN),

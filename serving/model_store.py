@@ -37,6 +37,15 @@ class ModelUnavailable(RuntimeError):
     """No model can be resolved or loaded; the message says which and why."""
 
 
+class ModelNotFound(ModelUnavailable):
+    """The registry answered: no such model, alias or version."""
+
+
+def _unavailable(message: str, err: Any) -> ModelUnavailable:
+    missing = getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+    return (ModelNotFound if missing else ModelUnavailable)(message)
+
+
 class StoreBusy(RuntimeError):
     """A load of this model is running; the request conflicts with it (409)."""
 
@@ -159,8 +168,8 @@ class ModelStore:
         try:
             return str(self._client().get_model_version_by_alias(self.model_name, self.alias).version)
         except MlflowException as err:
-            raise ModelUnavailable(
-                f"cannot resolve {self.model_name}@{self.alias} at {self.tracking_uri}: {err.message}"
+            raise _unavailable(
+                f"cannot resolve {self.model_name}@{self.alias} at {self.tracking_uri}: {err.message}", err
             ) from err
 
     def load(self, version: str) -> ModelHandle:
@@ -194,7 +203,7 @@ class ModelStore:
         except ModelUnavailable:
             raise
         except MlflowException as err:
-            raise ModelUnavailable(f"cannot load {where} from {self.tracking_uri}: {err.message}") from err
+            raise _unavailable(f"cannot load {where} from {self.tracking_uri}: {err.message}", err) from err
         except Exception as err:  # whatever breaks a load (I/O, skops refusing a type), the old model serves on
             raise ModelUnavailable(f"cannot load {where}: {type(err).__name__}: {err}") from err
         self._check_fits_dataset(pipeline, where)

@@ -25,9 +25,15 @@ the order of ``RecordEncoder``).
   file *before* the request is answered, so a crash of the process loses nothing
   answered 200 (the kernel holds what was written; ``spool_fsync`` also survives a power
   loss, at the cost of an fsync per hand-off). The segment file is named after its S3
-  key; it is uploaded under that key and deleted once the PUT succeeded. At start-up the
-  segments a previous process left behind are uploaded first (``replayed``), under the
-  same keys, so a segment written before a crash and uploaded again is not duplicated.
+  key; the segment is written under that key and the file deleted once the PUT
+  succeeded. At start-up the segments a previous process left behind are uploaded first
+  (``replayed``), under the same keys, so a segment written before a crash and uploaded
+  again is not duplicated.
+* **Shadow answers**: a chunk handed over with ``shadow_pending`` (a shadow candidate is
+  still scoring its rows) is completed by ``resolve_shadow``; its object waits for that
+  (at most ``SHADOW_WAIT_SECONDS``), so the record carries both answers. The spool holds
+  the record as it was at the answer: a crash before the upload loses the shadow fields
+  of those records, never the records.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".jsonl"
 FAILURE_LOG_INTERVAL_SECONDS = 10.0
+# Longest an object waits for the shadow answers of its records before it is written without them.
+SHADOW_WAIT_SECONDS = 5.0
 # Keys of a record besides the features, in the order they have always been written; the
 # optional ones (after the features, label and probability) are left out when not set.
 LEADING_KEYS = ("request_id", "timestamp", "model_name", "model_version")
@@ -205,6 +213,7 @@ class LogChunk:
     shadow_version: str | None = None
     shadow_labels: Sequence[Any] | None = None
     shadow_probabilities: Sequence[float | None] | None = None
+    segment: Any = field(default=None, repr=False, compare=False)  # set by the log: where it went
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -244,10 +253,15 @@ class _Segment:
     size: int = 0  # bytes in the spool file
     replayed: bool = False
     bucket: str | None = None  # a replayed segment's own bucket (None: the log's)
+    unresolved: int = 0  # chunks still waiting for their shadow answers
+    final: bool = False  # being written: no shadow answer is taken any more
 
     def body(self) -> bytes:
-        if self.path is not None:
+        if self.replayed:
+            assert self.path is not None
             return self.path.read_bytes()
+        # A live segment is written from its chunks (with their shadow answers); its spool
+        # file, if any, is what a crash would have left.
         return b"".join(chunk.encode() for chunk in self.chunks)
 
 
@@ -453,16 +467,38 @@ class PredictionLog:
 
     # --- hand-off -------------------------------------------------------------------
 
-    def log_chunk(self, chunk: LogChunk) -> None:
+    def log_chunk(self, chunk: LogChunk, *, shadow_pending: bool = False) -> None:
         """Take over the records of one scoring call; never blocks on S3.
 
         With a spool they are on disk when this returns.
+
+        Args:
+            chunk: The records.
+            shadow_pending: A shadow candidate is still scoring these rows; ``resolve_shadow``
+                completes the chunk (its object waits for it).
 
         Raises:
             LogUnavailable: The spool file cannot be written (the caller answers 503).
         """
         if len(chunk):
-            self._add(chunk.model_name, chunk.timestamp, chunk)
+            self._add(chunk.model_name, chunk.timestamp, chunk, pending=shadow_pending)
+
+    def resolve_shadow(
+        self, chunk: LogChunk, labels: Sequence[Any] | None, probabilities: Sequence[float | None] | None
+    ) -> bool:
+        """Complete a chunk handed over with ``shadow_pending`` (None: the candidate gave no answer).
+
+        Returns:
+            False when it came too late: the object was written without the shadow answers.
+        """
+        with self._condition:
+            segment = chunk.segment
+            if segment is None or segment.final:
+                return False
+            chunk.shadow_labels, chunk.shadow_probabilities = labels, probabilities
+            segment.unresolved -= 1
+            self._condition.notify_all()
+            return True
 
     def log(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Take over records given as mappings (each with its ``timestamp`` and ``model_name``).
@@ -504,7 +540,12 @@ class PredictionLog:
             }
 
     def _add(
-        self, model: str | None, timestamp: str | None, chunk: Any, partition: tuple[str, str] | None = None
+        self,
+        model: str | None,
+        timestamp: str | None,
+        chunk: Any,
+        partition: tuple[str, str] | None = None,
+        pending: bool = False,
     ) -> None:
         day, hour = partition or _partition(timestamp)
         data = chunk.encode() if self.spool_dir is not None else None
@@ -516,8 +557,10 @@ class PredictionLog:
                 self._condition.notify()  # an idle uploader now has a deadline to wait for
             if data is not None:
                 self._append_to_spool(segment, data)
-            else:
-                segment.chunks.append(chunk)
+            segment.chunks.append(chunk)
+            if pending:
+                chunk.segment = segment
+                segment.unresolved += 1
             segment.records += len(chunk)
             self._pending += len(chunk)
             self._counts["enqueued"] += len(chunk)
@@ -605,6 +648,17 @@ class PredictionLog:
     def _upload(self, segment: _Segment) -> None:
         location = storage.S3Location(segment.bucket or self.bucket, segment.key)
         backoff = self.retry_initial_seconds
+        with self._condition:
+            if segment.unresolved:
+                self._condition.wait_for(lambda: not segment.unresolved or self._abort.is_set(), SHADOW_WAIT_SECONDS)
+            if segment.unresolved:
+                log.warning(
+                    "prediction log: %d chunks of %s written without their shadow answers (not back within %.0f s)",
+                    segment.unresolved,
+                    segment.key,
+                    SHADOW_WAIT_SECONDS,
+                )
+            segment.final = True
         try:
             body = segment.body()
         except OSError as err:  # a spool file removed behind our back: nothing left to write

@@ -42,8 +42,10 @@ def _numeric_bounds(column: ColumnSpec) -> tuple[int | float, int | float]:
     """Inclusive (low, high) of a numeric column: the spec's bounds within the range of its dtype."""
     # The pipeline casts requests to the spec's dtype: values outside it would wrap or become inf.
     info = np.iinfo(column.dtype) if column.is_integer else np.finfo(column.dtype)
-    low = info.min.item() if column.min_value is None else max(column.min_value, info.min.item())
-    high = info.max.item() if column.max_value is None else min(column.max_value, info.max.item())
+    # As Python numbers: numpy 2 gives ints for iinfo and numpy floats for finfo.
+    kind = int if column.is_integer else float
+    low = kind(info.min) if column.min_value is None else max(column.min_value, kind(info.min))
+    high = kind(info.max) if column.max_value is None else min(column.max_value, kind(info.max))
     return low, high
 
 
@@ -229,8 +231,70 @@ class ReloadResult(BaseModel):
 
 class Status(BaseModel):
     status: str
-    model_version: str | None = None
+    model_version: str | None = Field(default=None, description="Version of the default model.")
     detail: str | None = None
+    models: dict[str, str | None] | None = Field(
+        default=None, description="Every served model and the version its baseline serves (null: not loaded)."
+    )
+
+
+class ReleaseSummary(BaseModel):
+    mode: Literal["shadow", "canary"]
+    candidate_version: str
+    weight: float
+
+
+class ModelDetail(ModelInfo):
+    """A served model: its baseline (as ``GET /model``), its dataset and its running release."""
+
+    dataset: str
+    release: ReleaseSummary | None = Field(description="The running release, or null.")
+
+
+class ModelSummary(BaseModel):
+    model_name: str
+    dataset: str
+    model_version: str | None = Field(description="Version the baseline serves, null while it loads.")
+    alias: str | None
+    ready: bool
+    release: ReleaseSummary | None
+
+
+class ModelList(BaseModel):
+    """``GET /models``: what the server serves; ``default`` answers ``/predict``."""
+
+    default: str
+    models: list[ModelSummary]
+
+
+class ModelConfig(BaseModel):
+    """Body of ``PUT /admin/models/{name}``: serve a registered model beside the others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(pattern=r"^[a-z][a-z0-9_]{0,99}$", description="Dataset spec name of its requests.")
+    alias: str = Field(default="champion", pattern=r"^[A-Za-z0-9_-]{1,100}$", description="Alias the baseline follows.")
+    version: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,9}$", description="Pin a version instead.")
+
+
+class FaultSpec(BaseModel):
+    """Faults injected into the candidate only (refused unless the server runs with FAULT_INJECTION=true)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    latency_ms: float = Field(default=0.0, ge=0.0, le=60_000.0)
+
+
+class ReleaseRequest(BaseModel):
+    """Body of ``POST /admin/models/{name}/release``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate_version: str = Field(pattern=r"^[1-9][0-9]{0,9}$")
+    mode: Literal["shadow", "canary"]
+    weight: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of request ids the canary answers.")
+    fault: FaultSpec | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -32,9 +32,10 @@ def _samples(text: str, name: str) -> list[Any]:
 
 
 def test_probes_and_metrics_are_open(api: TestClient):
-    assert api.get("/health").json() == {"status": "ok", "model_version": None, "detail": None}
+    assert api.get("/health").json() == {"status": "ok", "model_version": None, "detail": None, "models": None}
     ready = api.get("/ready")
     assert (ready.status_code, ready.json()["model_version"]) == (200, "1")
+    assert ready.json()["models"] == {"network_security": "1"}
     metrics = api.get("/metrics")
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")

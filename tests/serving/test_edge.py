@@ -141,7 +141,7 @@ def test_a_server_listens_and_is_not_ready_while_its_model_loads(champion_is_v1:
     assert health.status_code == 200
     assert (ready.status_code, ready.json()["detail"]) == (
         503,
-        f"loading network_security@champion from {store.tracking_uri}",
+        f"network_security: loading network_security@champion from {store.tracking_uri}",
     )
     assert predict.status_code == 503 and "retry when /ready answers 200" in predict.json()["detail"]
     assert (after.status_code, after.json()["model_version"]) == (200, "1")
