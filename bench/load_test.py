@@ -102,6 +102,8 @@ PREDICT_BATCH = "/predict/batch"
 _LOG_ERROR = re.compile(r"\bERROR\b|Traceback|are lost")
 # The server's back-pressure answers (serving/edge.py): 503 with Retry-After, nothing scored.
 _BACK_PRESSURE = ("not accepting predictions for now", "server busy")
+# A (re)started server answers this, with Retry-After, until its model is loaded.
+_NOT_READY = "no model loaded"
 
 
 @dataclass
@@ -466,7 +468,7 @@ async def _load(
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
             outcome = await request(session, rng, number)
             sent.append(outcome)
-            if outcome.back_pressure:
+            if outcome.retry_after:
                 await asyncio.sleep(min(outcome.retry_after, max(0.0, stop_sending - time.perf_counter())))
             elif outcome.status is None:
                 await asyncio.sleep(0.2)  # the server is down (killed): try again shortly
@@ -483,8 +485,8 @@ async def _load(
                     os.kill(moto_pid, signal.SIGCONT)
                 faults.paused = (pause_start, time.perf_counter() - started)
             if faults.kill_server:
+                faults.killed_at = time.perf_counter() - started  # before the signal: requests fail from now on
                 await asyncio.to_thread(server.kill)
-                faults.killed_at = time.perf_counter() - started
                 await asyncio.to_thread(server.start)
                 faults.back_at = time.perf_counter() - started
         except Exception as err:  # reported as a failed check, the load goes on
@@ -578,14 +580,22 @@ def _checks(
     restarted = len(server.processes) > 1
     answered = [s for s in sent if s.status == 200]
     shed = [s for s in sent if s.back_pressure]
-    server_errors = [s for s in sent if s.status is not None and s.status >= 500 and not s.back_pressure]
+    down = (faults.killed_at, faults.back_at if faults.back_at is not None else math.inf)
+
+    def around_the_kill(s: Sent) -> bool:
+        return down[0] is not None and s.sent_at <= down[1] and s.sent_at + s.seconds >= down[0]
+
+    # The restarted server listens at once and says 503 (Retry-After) until its model is loaded.
+    starting = [s for s in sent if s.status == 503 and s.problem.startswith(_NOT_READY) and around_the_kill(s)]
+    excused_503 = {id(s) for s in starting}
+    server_errors = [
+        s for s in sent if s.status is not None and s.status >= 500 and not s.back_pressure and id(s) not in excused_503
+    ]
     other = sum(1 for s in sent if s.status is not None and s.status != 200 and s.status < 500)
     # With a kill, requests cut off by it or sent while the server was down have no answer.
     unanswered = [s for s in sent if s.status is None]
-    down = (faults.killed_at, faults.back_at if faults.back_at is not None else math.inf)
-    excused = [
-        s for s in unanswered if down[0] is not None and s.sent_at <= down[1] and s.sent_at + s.seconds >= down[0]
-    ]
+    excused = [s for s in unanswered if around_the_kill(s)]
+    unexcused = [s for s in unanswered if not around_the_kill(s)]
     wrong = [s for s in answered if s.problem]
     expected_ids = [log_id for s in answered for log_id in s.log_ids]
     records_sent = sum(s.records for s in sent)
@@ -595,6 +605,8 @@ def _checks(
     missing = len(expected - logged.keys())
     unexpected = sum(count for log_id, count in logged.items() if log_id not in expected and log_id not in cut_off)
     spooled_unanswered = sum(1 for log_id in logged if log_id in cut_off)
+    # A request the kill cut off was spooled whole or not at all (never half of its records).
+    halves = sum(0 < sum(1 for i in s.log_ids if i in logged) < s.records for s in excused)
     duplicated = sum(count - 1 for count in logged.values() if count > 1)
     logged_rows = sum(count for log_id, count in logged.items() if log_id in expected)
     enqueued = metrics.get("prediction_log_enqueued_total", math.nan)
@@ -607,7 +619,9 @@ def _checks(
         Check(
             "5xx answers (other than back-pressure)",
             "0",
-            f"{len(server_errors):,}" + (f" (e.g. {server_errors[0].status})" if server_errors else ""),
+            f"{len(server_errors):,}"
+            + (f" (e.g. {server_errors[0].status} {server_errors[0].problem[:60]})" if server_errors else "")
+            + (f"; {len(starting):,} 503 'no model loaded' from the restarted server" if restarted else ""),
             not server_errors,
         ),
         Check(
@@ -619,8 +633,10 @@ def _checks(
         Check(
             "requests without an answer",
             "0" + (" (but those the kill cut off)" if restarted else ""),
-            f"{len(unanswered):,}" + (f" ({len(excused):,} around the kill)" if restarted else ""),
-            len(unanswered) == len(excused),
+            f"{len(unanswered):,}"
+            + (f" ({len(excused):,} around the kill)" if restarted else "")
+            + (f" (e.g. sent at {unexcused[0].sent_at:.1f} s: {unexcused[0].problem})" if unexcused else ""),
+            not unexcused,
         ),
         Check("other non-200 answers", "0", f"{other:,}", other == 0),
         Check(
@@ -657,8 +673,20 @@ def _checks(
             f"{missing:,} / {unexpected:,} / {duplicated:,}",
             missing == unexpected == duplicated == 0,
         ),
+        Check(
+            "requests the kill cut off, logged in part",
+            "0",
+            f"{halves:,}" + ("" if restarted else " (no kill)"),
+            halves == 0,
+        ),
         Check(f"rows logged with a version other than v{version}", "0", f"{other_versions:,}", other_versions == 0),
         Check("faults", "as asked, without error", faults.describe(), not faults.problems),
+        Check(
+            "records the restarted server replayed from the spool",
+            "any" if restarted else "0",
+            f"{metrics.get('prediction_log_replayed_total', 0):,.0f}",
+            restarted or not metrics.get("prediction_log_replayed_total", 0),
+        ),
     ]
 
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SHADOW = "shadow"  # the metrics' role of a shadow candidate's scoring
 LOG_RETRY_AFTER_SECONDS = 2
+NOT_READY_RETRY_AFTER_SECONDS = 2
 SHADOW_FAILURE_LOG_INTERVAL_SECONDS = 10.0
 
 
@@ -196,7 +197,12 @@ class ServedModel:
         handle = self.store.current
         if handle is None:
             reason = self.store.not_ready_reason() or "still loading"
-            raise ScoringFailed(BASELINE, None, f"no model loaded ({reason}); retry when /ready answers 200")
+            raise ScoringFailed(
+                BASELINE,
+                None,
+                f"no model loaded ({reason}); retry when /ready answers 200",
+                headers={"Retry-After": str(NOT_READY_RETRY_AFTER_SECONDS)},
+            )
         return handle
 
     def score(

@@ -43,6 +43,7 @@ import fcntl
 import itertools
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
@@ -62,6 +63,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".jsonl"
+# A spool file is a sequence of frames, one per hand-off (a request's records): a header
+# (magic, length) and the JSON lines. A crash in the middle of a write leaves an incomplete
+# last frame, which the next start drops whole: its request was never answered, so none of
+# its records may reach S3 (a cut-off JSON line would keep half a request).
+SPOOL_SUFFIX = ".spool"
+FRAME = struct.Struct("<4sQ")
+FRAME_MAGIC = b"NSPL"
 FAILURE_LOG_INTERVAL_SECONDS = 10.0
 # Longest an object waits for the shadow answers of its records before it is written without them.
 SHADOW_WAIT_SECONDS = 5.0
@@ -259,7 +267,7 @@ class _Segment:
     def body(self) -> bytes:
         if self.replayed:
             assert self.path is not None
-            return self.path.read_bytes()
+            return _complete_frames(self.path)[0]
         # A live segment is written from its chunks (with their shadow answers); its spool
         # file, if any, is what a crash would have left.
         return b"".join(chunk.encode() for chunk in self.chunks)
@@ -587,17 +595,18 @@ class PredictionLog:
     def _append_to_spool(self, segment: _Segment, data: bytes) -> None:
         # Caller holds the lock. Written before the request is answered: this is what survives a crash.
         assert segment.fd is not None
+        frame = FRAME.pack(FRAME_MAGIC, len(data)) + data
         try:
-            view = memoryview(data)
+            view = memoryview(frame)
             while view:
                 view = view[os.write(segment.fd, view) :]
             if self.spool_fsync:
                 os.fsync(segment.fd)
         except OSError as err:
-            # A partial line at the end is cut off by the next start (it was never answered).
+            # An incomplete frame at the end is dropped by the next start (it was never answered).
             raise LogUnavailable(f"cannot write the spool file {segment.path}: {err.strerror or err}") from err
-        segment.size += len(data)
-        self._spool_bytes += len(data)
+        segment.size += len(frame)
+        self._spool_bytes += len(frame)
 
     def _seal(self, slot: tuple[str | None, str, str]) -> _Segment:
         # Caller holds the lock: no record is added to the segment after this.
@@ -713,7 +722,7 @@ class PredictionLog:
     def _spool_path(self, key: str) -> Path:
         assert self.spool_dir is not None
         # Named after the bucket and key: a segment goes where it was meant to, whatever the settings at replay.
-        return self.spool_dir / "segments" / self.bucket / key
+        return self.spool_dir / "segments" / self.bucket / f"{key}{SPOOL_SUFFIX}"
 
     def _lock_spool(self) -> None:
         assert self.spool_dir is not None
@@ -744,9 +753,10 @@ class PredictionLog:
         assert self.spool_dir is not None
         root = self.spool_dir / "segments"
         found = 0
-        for path in sorted(root.rglob(f"*{SEGMENT_SUFFIX}")) if root.exists() else []:
-            bucket, _, key = path.relative_to(root).as_posix().partition("/")
-            records, size = _complete_lines(path)
+        for path in sorted(root.rglob(f"*{SPOOL_SUFFIX}")) if root.exists() else []:
+            bucket, _, key = path.relative_to(root).as_posix().removesuffix(SPOOL_SUFFIX).partition("/")
+            body, size = _complete_frames(path)
+            records = body.count(b"\n")
             if records == 0:
                 path.unlink(missing_ok=True)
                 continue
@@ -761,17 +771,34 @@ class PredictionLog:
                 self._spool_bytes += size
             found += records
         if found:
-            log.info("prediction log: %d records left in the spool %s by an earlier run; uploading them", found, root)
+            # A warning: only an unclean stop (a crash, or S3 away at shutdown) leaves records behind.
+            log.warning(
+                "prediction log: %d records left in the spool %s by an earlier run; uploading them", found, root
+            )
 
 
-def _complete_lines(path: Path) -> tuple[int, int]:
-    """Lines and bytes of a spool file, cutting off a last line a crash left incomplete (it was never answered)."""
+def _complete_frames(path: Path) -> tuple[bytes, int]:
+    """The JSON lines of a spool file's complete frames, and their size in the file.
+
+    An incomplete (or unreadable) frame and what follows it is cut off the file: a crash
+    interrupted that hand-off, so its request was never answered.
+    """
     data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
+    parts, offset = [], 0
+    while offset + FRAME.size <= len(data):
+        magic, length = FRAME.unpack_from(data, offset)
+        end = offset + FRAME.size + length
+        if magic != FRAME_MAGIC or end > len(data):
+            break
+        parts.append(data[offset + FRAME.size : end])
+        offset = end
+    if offset != len(data):
+        log.warning(
+            "prediction log: %s ends with %d bytes of an interrupted hand-off; dropped", path, len(data) - offset
+        )
         with path.open("r+b") as handle:
-            handle.truncate(end)
-    return data.count(b"\n", 0, end), end
+            handle.truncate(offset)
+    return b"".join(parts), offset
 
 
 def _partition(timestamp: Any) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from serving.app import create_app
-from serving.prediction_log import IndexedIds, LogChunk, LogUnavailable, RecordEncoder
+from serving.prediction_log import FRAME, FRAME_MAGIC, IndexedIds, LogChunk, LogUnavailable, RecordEncoder
 from tests.serving.conftest import LOG_BUCKET, Registry, make_log, record_of, serving_client
 
 KEY = re.compile(r"^predictions/(?:(\w+)/)?dt=(\d{4}-\d{2}-\d{2})/(\d{2})/(\d{13})-[0-9a-f]{12}-\d{6}\.jsonl$")
@@ -297,15 +297,17 @@ def test_the_spool_holds_records_across_a_crash_and_the_next_start_uploads_them(
     first.log_chunk(_chunk(4))
     first.log_chunk(_chunk(2, 4, model="other"))
     # On disk before log_chunk returned (what an answered request relies on), named after its S3 key.
-    spooled = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jsonl"))
+    spooled = sorted(p.relative_to(tmp_path).as_posix().removesuffix(".spool") for p in tmp_path.rglob("*.spool"))
     assert [KEY.match(p.removeprefix(f"segments/{LOG_BUCKET}/")).group(1) for p in spooled] == ["m", "other"]
     with pytest.raises(LogUnavailable, match="in use by another process"):
         make_log(aws, spool_dir=tmp_path).start()
     first.close(timeout=0.2)  # S3 still down: nothing lost, all left in the spool
     assert (first.stats()["dropped"], first.stats()["left_in_spool"]) == (0, 6)
-    # A crash in the middle of a write leaves an incomplete last line: it was never answered.
-    segment = next(tmp_path.rglob("*.jsonl"))
-    segment.write_bytes(segment.read_bytes() + b'{"request_id": "half')
+    # A crash in the middle of a hand-off leaves an incomplete frame: that request was never
+    # answered, so none of its records may be uploaded (not even its complete lines).
+    segment = next(tmp_path.rglob("*.spool"))
+    half = ENCODER.encode(_chunk(3, 100))
+    segment.write_bytes(segment.read_bytes() + FRAME.pack(FRAME_MAGIC, len(half)) + half[: len(half) // 2 + 10])
 
     aws.put_object = real_put
     second = make_log(aws, spool_dir=tmp_path)
@@ -316,7 +318,7 @@ def test_the_spool_holds_records_across_a_crash_and_the_next_start_uploads_them(
     objects = _objects(aws)
     assert sorted(f"segments/{LOG_BUCKET}/{key}" for key in objects) == spooled  # the keys fixed at hand-off
     assert sorted(r["request_id"] for rs in objects.values() for r in rs) == [f"r{i}" for i in range(6)]
-    assert second.stats()["replayed"] == 6 and not list(tmp_path.rglob("*.jsonl"))
+    assert second.stats()["replayed"] == 6 and not list(tmp_path.rglob("*.spool"))
 
 
 def test_a_full_spool_asks_for_back_pressure(aws: Any, tmp_path: Path):
