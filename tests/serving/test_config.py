@@ -172,6 +172,10 @@ def test_command_line_runs_uvicorn_with_the_factory(monkeypatch: pytest.MonkeyPa
 
     cli.main(["--host", "0.0.0.0", "--port", "8123"])
 
-    assert calls == [
-        (("serving.app:create_app",), {"factory": True, "host": "0.0.0.0", "port": 8123, "log_level": "info"})
-    ]
+    ((target,), options) = calls[0]
+    log_config = options.pop("log_config")
+    assert (target, options) == (
+        "serving.app:create_app",
+        {"factory": True, "host": "0.0.0.0", "port": 8123, "log_level": "info"},
+    )
+    assert log_config["loggers"]["serving"] == {"handlers": ["default"], "level": "INFO", "propagate": False}
