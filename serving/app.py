@@ -240,25 +240,13 @@ def create_app(
         name: str, dataset: str, alias: str, version: str | None, given: ModelStore | None = None
     ) -> ServedModel:
         spec = load_spec(dataset)
-        model_store = given or ModelStore(
-            tracking_uri=settings.tracking_uri,
-            model_name=name,
-            alias=alias,
-            version=version,
-            expected_classes=spec.target.allowed_values,
-            expected_features=spec.feature_names,
-            poll_seconds=settings.alias_poll_seconds,
-            feature_columns=spec.features,
-        )
+        model_store = given or ModelStore.from_settings(settings, spec, model_name=name, alias=alias, version=version)
         return ServedModel(name, spec, model_store, settings, prediction_log, model_metrics, shadow)
 
     for index, entry in enumerate(settings.models):
-        first = index == 0
-        pinned = settings.model_version if first else None
-        models.add(
-            served_model(entry.name, entry.dataset, settings.model_alias, pinned, store if first else None),
-            configured=True,
-        )
+        given = store if index == 0 else None
+        # MODEL_VERSION pins the default model only (from_settings); the others follow MODEL_ALIAS.
+        models.add(served_model(entry.name, entry.dataset, settings.model_alias, None, given), configured=True)
     default = models.default
     registry.register(_ServingCollector(models, prediction_log, shadow))
     body_limit = [settings.body_limit([model.feature_names for model in models])]

@@ -132,13 +132,22 @@ class ModelStore:
         self.last_error: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: ServingSettings, spec: DatasetSpec) -> ModelStore:
-        """A store for the model ``settings`` name, checked against the dataset ``spec``."""
+    def from_settings(
+        cls,
+        settings: ServingSettings,
+        spec: DatasetSpec,
+        *,
+        model_name: str | None = None,
+        alias: str | None = None,
+        version: str | None = None,
+    ) -> ModelStore:
+        """A store for a model (default: the settings' default model), checked against the dataset ``spec``."""
+        default = model_name is None or model_name == settings.model_name
         return cls(
             tracking_uri=settings.tracking_uri,
-            model_name=settings.model_name,
-            alias=settings.model_alias,
-            version=settings.model_version,
+            model_name=model_name or settings.model_name,
+            alias=alias or settings.model_alias,
+            version=version or (settings.model_version if default else None),
             expected_classes=spec.target.allowed_values,
             expected_features=spec.feature_names,
             poll_seconds=settings.alias_poll_seconds,
