@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -320,12 +321,11 @@ class ServedModel:
 
     def batch_answer(self, role: str, rows: Any, request_id: str, logged_rows: Any = None) -> tuple[bytes, Scored]:
         """The JSON answer to a batch request, scored and encoded on a worker thread."""
-        scored = self.score(role, rows, IndexedIds(request_id, len(rows)), logged_rows=logged_rows)
+        ids = IndexedIds(request_id, len(rows))
+        scored = self.score(role, rows, ids, logged_rows=logged_rows)
         name, version = self.name, scored.handle.version
-        predictions = [
-            PredictionBody(label, probability, name, version, f"{request_id}:{i}")
-            for i, (label, probability) in enumerate(zip(scored.labels, scored.probabilities, strict=True))
-        ]
+        # map() over the columns: the answer's 10,000 structs built without a Python-level loop body.
+        predictions = list(map(PredictionBody, scored.labels, scored.probabilities, repeat(name), repeat(version), ids))
         return msgspec.json.encode(BatchBody(predictions, version, request_id)), scored
 
     def observe(self, role: str, version: str | None, status: int, seconds: float, positive: Any = ()) -> None:

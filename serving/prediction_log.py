@@ -73,6 +73,7 @@ FRAME_MAGIC = b"NSPL"
 FAILURE_LOG_INTERVAL_SECONDS = 10.0
 # Longest an object waits for the shadow answers of its records before it is written without them.
 SHADOW_WAIT_SECONDS = 5.0
+ENCODE_SLICE = 1000
 # Keys of a record besides the features, in the order they have always been written; the
 # optional ones (after the features, label and probability) are left out when not set.
 LEADING_KEYS = ("request_id", "timestamp", "model_name", "model_version")
@@ -131,24 +132,42 @@ class RecordEncoder:
         self._encoder = msgspec.json.Encoder(enc_hook=str)
 
     def encode(self, chunk: LogChunk) -> bytes:
-        """The chunk's records as JSON lines."""
+        """The chunk's records as JSON lines.
+
+        Encoded ``ENCODE_SLICE`` records at a time, letting other threads run in between:
+        one msgspec call holds the GIL until it returns, and a request being decoded meanwhile
+        should wait for a slice (about a millisecond), not for a whole 10,000-record chunk.
+        """
+        count = len(chunk)
+        if count <= ENCODE_SLICE:
+            return self._encode_slice(chunk, 0, count)
+        parts = []
+        for start in range(0, count, ENCODE_SLICE):
+            parts.append(self._encode_slice(chunk, start, min(start + ENCODE_SLICE, count)))
+            time.sleep(0)  # releases the GIL
+        return b"".join(parts)
+
+    def _encode_slice(self, chunk: LogChunk, start: int, end: int) -> bytes:
         record, ts, name, version = self._record, chunk.timestamp, chunk.model_name, chunk.model_version
-        rows = self._python_rows(chunk.rows)
-        ids = chunk.request_ids
+        whole = start == 0 and end == len(chunk)
+        rows = self._python_rows(chunk.rows if whole else chunk.rows[start:end])
+        ids = chunk.request_ids if whole else chunk.request_ids[start:end]
+        labels = chunk.labels[start:end]
+        probabilities = chunk.probabilities[start:end]
         if chunk.shadow_version is None and chunk.role is None:
             records = [
                 record(rid, ts, name, version, *row, label, p)
-                for rid, row, label, p in zip(ids, rows, chunk.labels, chunk.probabilities, strict=True)
+                for rid, row, label, p in zip(ids, rows, labels, probabilities, strict=True)
             ]
         else:
             role, shadow = chunk.role, chunk.shadow_version
-            none = [None] * len(ids)
-            shadow_labels = none if chunk.shadow_labels is None else chunk.shadow_labels
-            shadow_probabilities = none if chunk.shadow_probabilities is None else chunk.shadow_probabilities
+            none = [None] * (end - start)
+            shadow_labels = none if chunk.shadow_labels is None else chunk.shadow_labels[start:end]
+            shadow_probabilities = none if chunk.shadow_probabilities is None else chunk.shadow_probabilities[start:end]
             records = [
                 record(rid, ts, name, version, *row, label, p, role, shadow, s_label, s_p)
                 for rid, row, label, p, s_label, s_p in zip(
-                    ids, rows, chunk.labels, chunk.probabilities, shadow_labels, shadow_probabilities, strict=True
+                    ids, rows, labels, probabilities, shadow_labels, shadow_probabilities, strict=True
                 )
             ]
         return self._encoder.encode_lines(records)

@@ -82,6 +82,12 @@ def test_records_keep_the_contract_keys_in_order_and_leave_out_unused_ones():
     assert (released[0]["shadow_label"], released[1]["role"]) == (1, "canary")
     assert "shadow_label" not in released[1]  # the candidate gave no answer for it: left out, as unused keys are
     assert list(IndexedIds("abc", 3)) == ["abc:0", "abc:1", "abc:2"] and IndexedIds("abc", 3)[-1] == "abc:2"
+    # A large chunk is encoded in slices: the same lines, in order.
+    large = _chunk(2500)
+    large.request_ids = IndexedIds("big", 2500)
+    lines = [json.loads(line) for line in ENCODER.encode(large).splitlines()]
+    assert [line["request_id"] for line in lines] == list(IndexedIds("big", 2500))
+    assert [(line["x"], line["y"]) for line in lines] == [(i, -i) for i in range(2500)]
 
 
 def test_every_prediction_is_in_s3_after_shutdown(settings, aws: Any, auth, registry: Registry, spec):
