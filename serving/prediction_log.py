@@ -74,6 +74,7 @@ FAILURE_LOG_INTERVAL_SECONDS = 10.0
 # Longest an object waits for the shadow answers of its records before it is written without them.
 SHADOW_WAIT_SECONDS = 5.0
 ENCODE_SLICE = 1000
+SETTLE_SECONDS = 0.02
 # Keys of a record besides the features, in the order they have always been written; the
 # optional ones (after the features, label and probability) are left out when not set.
 LEADING_KEYS = ("request_id", "timestamp", "model_name", "model_version")
@@ -273,6 +274,7 @@ class _Segment:
 
     key: str
     opened: float  # monotonic time of its first record
+    touched: float = 0.0  # monotonic time of its last record
     chunks: list[Any] = field(default_factory=list)
     records: int = 0
     path: Path | None = None  # spool file (spool mode)
@@ -589,6 +591,7 @@ class PredictionLog:
                 chunk.segment = segment
                 segment.unresolved += 1
             segment.records += len(chunk)
+            segment.touched = time.monotonic()
             self._pending += len(chunk)
             self._counts["enqueued"] += len(chunk)
             if segment.records >= self.max_object_records:
@@ -662,16 +665,24 @@ class PredictionLog:
                 due = [
                     (segment.opened, slot)
                     for slot, segment in self._open.items()
-                    if urgent or segment.records >= self.batch_size or now - segment.opened >= self.flush_seconds
+                    if urgent or now >= self._due(segment)
                 ]
                 if due:
                     self._seal(min(due)[1])
                     continue
                 if self._closing and not self._open:
                     return None
-                wait = min((self.flush_seconds - (now - s.opened) for s in self._open.values()), default=None)
+                wait = min((self._due(s) - now for s in self._open.values()), default=None)
                 self._condition.wait(None if wait is None else max(wait, 0.001))
             return None
+
+    def _due(self, segment: _Segment) -> float:
+        """When an open segment is to be written: ``flush_seconds`` after its first record, or,
+        once it holds ``batch_size``, ``SETTLE_SECONDS`` after its last one (the answer of the
+        request that filled it is sent before its records are encoded)."""
+        if segment.records >= self.batch_size:
+            return min(segment.touched + SETTLE_SECONDS, segment.opened + self.flush_seconds)
+        return segment.opened + self.flush_seconds
 
     def _upload(self, segment: _Segment) -> None:
         location = storage.S3Location(segment.bucket or self.bucket, segment.key)

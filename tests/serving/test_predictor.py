@@ -61,6 +61,25 @@ def test_boosting_scores_on_one_thread_and_a_micro_batch_in_one_call():
     assert calls == [1]  # eight single-record requests, one model call, one OpenMP thread
 
 
+def test_a_large_batch_scored_in_parallel_parts_is_exactly_one_call(monkeypatch: pytest.MonkeyPatch):
+    import serving.predictor as predictor_module
+
+    pipeline, _, spec = _fitted("network_security", ESTIMATORS["gradient_boosting"]())
+    predictor = build_predictor(pipeline, spec.features)
+    rows = list(generate(spec, 6000, seed=9)[spec.feature_names].itertuples(index=False, name=None))
+    monkeypatch.setattr(predictor_module.os, "cpu_count", lambda: 2)
+    calls = []
+    real = predictor.estimator._raw_predict
+    predictor.estimator._raw_predict = lambda X, n_threads=None: calls.append(len(X)) or real(X, n_threads)
+
+    labels, probabilities = predictor.predict(rows)
+
+    assert calls == [3000, 3000]  # two parts, each on one thread
+    frame = pd.DataFrame(rows, columns=spec.feature_names).astype({c.name: c.dtype for c in spec.features})
+    assert np.array_equal(labels, pipeline.predict(frame))
+    assert np.array_equal(probabilities, pipeline.predict_proba(frame))
+
+
 def test_a_batch_given_as_a_matrix_is_scored_like_its_rows():
     pipeline, rows, spec = _fitted("network_security", ESTIMATORS["gradient_boosting"]())
     predictor = build_predictor(pipeline, spec.features)
