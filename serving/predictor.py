@@ -171,6 +171,9 @@ class CompiledPredictor(Predictor):
         features = np.asarray(features, dtype=np.float32)
         if not np.isfinite(features).all():
             return self.estimator.predict_proba(features)
+        return _in_parts(self._forest_proba, features)
+
+    def _forest_proba(self, features: np.ndarray) -> np.ndarray:
         total = np.zeros((features.shape[0], self.n_classes), dtype=np.float64)
         for tree in self.trees:
             total += tree.predict(features)[:, : self.n_classes]

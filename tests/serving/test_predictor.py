@@ -61,20 +61,26 @@ def test_boosting_scores_on_one_thread_and_a_micro_batch_in_one_call():
     assert calls == [1]  # eight single-record requests, one model call, one OpenMP thread
 
 
-def test_a_large_batch_scored_in_parallel_parts_is_exactly_one_call(monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("name", ["gradient_boosting", "random_forest"])
+def test_a_large_batch_scored_in_parallel_parts_is_exactly_one_call(monkeypatch: pytest.MonkeyPatch, name):
     import serving.predictor as predictor_module
 
-    pipeline, _, spec = _fitted("network_security", ESTIMATORS["gradient_boosting"]())
+    pipeline, _, spec = _fitted("network_security", ESTIMATORS[name]())
     predictor = build_predictor(pipeline, spec.features)
     rows = list(generate(spec, 6000, seed=9)[spec.feature_names].itertuples(index=False, name=None))
     monkeypatch.setattr(predictor_module.os, "cpu_count", lambda: 2)
-    calls = []
-    real = predictor.estimator._raw_predict
-    predictor.estimator._raw_predict = lambda X, n_threads=None: calls.append(len(X)) or real(X, n_threads)
+    parts = []
+    real = predictor_module._in_parts
+
+    def counted(score, features):
+        parts.append(min(2, len(features) // predictor_module.ROWS_PER_PART))
+        return real(score, features)
+
+    monkeypatch.setattr(predictor_module, "_in_parts", counted)
 
     labels, probabilities = predictor.predict(rows)
 
-    assert calls == [3000, 3000]  # two parts, each on one thread
+    assert parts == [2]  # two parts of 3,000 rows
     frame = pd.DataFrame(rows, columns=spec.feature_names).astype({c.name: c.dtype for c in spec.features})
     assert np.array_equal(labels, pipeline.predict(frame))
     assert np.array_equal(probabilities, pipeline.predict_proba(frame))
