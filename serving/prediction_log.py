@@ -1,6 +1,7 @@
 """Prediction log: every served prediction written to S3 as JSON lines; nothing answered 200 is lost.
 
-Layout: ``s3://<bucket>/<prefix>/<model_name>/dt=YYYY-MM-DD/HH/<segment id>.jsonl``, the
+Layout: ``s3://<bucket>/<prefix>/<model_name>/dt=YYYY-MM-DD/HH/<segment id>.jsonl`` (by
+default ``predictions/<model>/dt=YYYY-MM-DD/HH/``, the layout of CONTRACTS.md), the
 partition from the records' own UTC timestamp, one JSON object per scored row (keys in
 the order of ``RecordEncoder``).
 
