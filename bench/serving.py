@@ -10,9 +10,9 @@ and that version is measured three ways in the same run:
     ``POST /predict`` at each ``--concurrency`` for ``--seconds`` each, and
     ``--batch-repeats`` ``POST /predict/batch`` of ``--batch-records`` records (its
     ``MAX_BATCH_SIZE``, 1,000 by default, is raised to fit), twice: each sent to an idle
-    server (its prediction log done writing the previous one: the latency target), then
-    back to back (the log's writer then competes with scoring for the interpreter, and
-    past its capacity drops records: the run prints how many);
+    server (its prediction log done writing the previous one), then back to back (the
+    log's writer then competes with scoring for the interpreter; it never drops a record:
+    past its high-water mark the server would answer 503, counted as errors here);
 (b) the baseline, ``mlflow models serve -m models:/<name>/<version> --env-manager local``
     (one worker, its default, like (a)): the same records on ``/invocations`` as
     ``dataframe_split`` payloads;
@@ -31,15 +31,18 @@ Usage (a champion registered, e.g. by ``make run``; ``source .state/env.sh`` fir
     python -m bench.serving
     python -m bench.serving --seconds 3 --concurrency 8 --skip-mlflow   # quick look
 
-Prints one table, the ratios of this server to ``mlflow models serve`` and the targets
-(throughput >= 5x mlflow serve at concurrency 8 and 32, single-record p99 < 25 ms at
-concurrency 8, the 10,000-record batch < 150 ms at the median, server idle); ``--enforce-targets``
-exits 1 when one is missed.
+Prints one table (each row with the 1-minute load average while it was measured: the
+machine is shared), the ratios of this server to ``mlflow models serve`` and the targets:
+throughput >= 10x mlflow serve at concurrency 8 and 32, single-record p99 < 25 ms at
+concurrency 8, the idle 10,000-record batch at most 2x the in-process compiled predictor's
+(medians), back-to-back 10,000-record batches faster than mlflow serve (medians) with the
+prediction log on and nothing dropped. ``--enforce-targets`` exits 1 when one is missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -78,10 +81,11 @@ from tasks.dataset_spec import DatasetSpec, load_spec
 THIS_SERVER = "serving (this app)"
 MLFLOW_SERVE = "mlflow models serve"
 SINGLE = "1 record"
-TARGET_SPEEDUP = 5.0
+TARGET_SPEEDUP = 10.0
 TARGET_P99_MS = 25.0
-TARGET_BATCH_MS = 150.0
+TARGET_BATCH_FLOOR_RATIO = 2.0  # idle batch p50 over the in-process compiled predictor's p50
 TARGET_BATCH_RECORDS = 10_000
+COMPILED_IN_PROCESS = "in-process serving predictor"
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Row:
     max_ms: float
     errors: int
     records_per_call: float = math.nan
+    load: float = dataclasses.field(default_factory=lambda: os.getloadavg()[0])
 
     @classmethod
     def of_load(cls, system: str, workload: str, concurrency: int, result: LoadResult, records: int) -> Row:
@@ -167,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server logs    {workdir}", flush=True)
     rows: list[Row] = []
     answers: dict[str, list[Any]] = {}
+    log_stats: dict[str, float] | None = None
     try:
         if not args.skip_in_process:
             rows += _in_process(args, spec, f"models:/{args.model_name}/{version}", singles, batch)
-        ours, answers[THIS_SERVER] = _this_server(args, version, singles, batch, workdir, log_target)
+        ours, answers[THIS_SERVER], log_stats = _this_server(args, version, singles, batch, workdir, log_target)
         rows += ours
         if not args.skip_mlflow:
             theirs, answers[MLFLOW_SERVE] = _mlflow_serve(args, spec, version, singles, batch, workdir)
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nResults ({args.model_name} v{version}; load average {load_average()} at the end):\n")
     print(table(_HEADERS, [_cells(row) for row in rows]))
-    verdicts = _report(rows, args, answers)
+    verdicts = _report(rows, args, answers, log_stats)
     if args.json:
         plain = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()} for r in rows]
         payload = {"model_version": version, "load_average": os.getloadavg(), "rows": plain}
@@ -307,7 +313,7 @@ def _in_process(
     tuples = [tuple(record[n] for n in names) for record in singles[:200]]
     batch_tuples = [tuple(record[n] for n in names) for record in batch]
     workload = f"{len(batch):,} records"
-    served = f"in-process serving predictor ({predictor.kind})"
+    served = f"{COMPILED_IN_PROCESS} ({predictor.kind})"
     return [
         Row.of_timings(
             "in-process pipeline.predict_proba",
@@ -357,8 +363,8 @@ def _this_server(
     batch: list[dict],
     workdir: Path,
     log_target: LogTarget | None,
-) -> tuple[list[Row], list[Any]]:
-    """This server's rows and its labels for the batch."""
+) -> tuple[list[Row], list[Any], dict[str, float] | None]:
+    """This server's rows, its labels for the batch and its prediction log's counters (None when off)."""
     port, api_key = free_port(), secrets.token_urlsafe(24)
     env = base_environment()
     env.update(
@@ -409,6 +415,7 @@ def _this_server(
             records_per_call,
             settle=(lambda: _drained_log_stats(base)) if log_target is not None else None,
         )
+        stats = None
         if log_target is not None:
             stats = _drained_log_stats(base)
             print(
@@ -418,7 +425,7 @@ def _this_server(
                 f"{stats.get('prediction_log_buffered_records', 0):,.0f} still buffered",
                 flush=True,
             )
-    return rows, [prediction["label"] for prediction in answer["predictions"]]
+    return rows, [prediction["label"] for prediction in answer["predictions"]], stats
 
 
 def _drained_log_stats(base: str, timeout: float = 60.0) -> dict[str, float]:
@@ -563,6 +570,7 @@ _HEADERS = [
     "max ms",
     "errors",
     "rec/call",
+    "load",
 ]
 
 
@@ -580,10 +588,13 @@ def _cells(row: Row) -> list[Any]:
         row.max_ms,
         row.errors,
         row.records_per_call,
+        row.load,
     ]
 
 
-def _report(rows: list[Row], args: argparse.Namespace, answers: dict[str, list[Any]]) -> list[bool]:
+def _report(
+    rows: list[Row], args: argparse.Namespace, answers: dict[str, list[Any]], log_stats: dict[str, float] | None
+) -> list[bool]:
     """Print the ratios to mlflow serve, the checks and the targets; returns one verdict per item checked."""
     ours = {(r.workload, r.concurrency): r for r in rows if r.system == THIS_SERVER}
     theirs = {(r.workload, r.concurrency): r for r in rows if r.system == MLFLOW_SERVE}
@@ -634,20 +645,40 @@ def _report(rows: list[Row], args: argparse.Namespace, answers: dict[str, list[A
             row.p99_ms < TARGET_P99_MS and row.errors == 0,
             f"single-record p99 < {TARGET_P99_MS:g} ms at concurrency 8: {row.p99_ms:.1f} ms",
         )
-    row, sustained = ours.get((batch_workloads[0], 1)), ours.get((batch_workloads[1], 1))
-    if row and args.batch_records == TARGET_BATCH_RECORDS:
+    idle, sustained = ours.get((batch_workloads[0], 1)), ours.get((batch_workloads[1], 1))
+    floor = next(
+        (
+            r
+            for r in rows
+            if r.system.startswith(COMPILED_IN_PROCESS) and r.workload == f"{args.batch_records:,} records"
+        ),
+        None,
+    )
+    if idle and floor and args.batch_records == TARGET_BATCH_RECORDS:
+        ratio = idle.p50_ms / floor.p50_ms if floor.p50_ms > 0 else math.inf
         verdict(
-            row.p50_ms < TARGET_BATCH_MS and row.errors == 0,
-            f"{TARGET_BATCH_RECORDS:,}-record batch < {TARGET_BATCH_MS:g} ms, server idle (median of {row.requests}): "
-            f"p50 {row.p50_ms:.0f} ms, p95 {row.p95_ms:.0f} ms, max {row.max_ms:.0f} ms",
+            ratio <= TARGET_BATCH_FLOOR_RATIO and idle.errors == 0,
+            f"{TARGET_BATCH_RECORDS:,}-record batch, server idle, <= {TARGET_BATCH_FLOOR_RATIO:g}x the in-process "
+            f"compiled predictor (medians): {ratio:.2f}x ({idle.p50_ms:.0f} vs {floor.p50_ms:.0f} ms)",
         )
-        if sustained:
-            lines.append(
-                (
-                    "    ",
-                    f"  back to back (not a target): p50 {sustained.p50_ms:.0f} ms, p95 {sustained.p95_ms:.0f} ms",
-                )
-            )
+    other = theirs.get((batch_workloads[1], 1))
+    if sustained and other and args.batch_records == TARGET_BATCH_RECORDS:
+        speedup = other.p50_ms / sustained.p50_ms if sustained.p50_ms > 0 else math.nan
+        verdict(
+            speedup > 1 and sustained.errors == 0,
+            f"back-to-back {TARGET_BATCH_RECORDS:,}-record batches faster than mlflow serve (medians): "
+            f"{speedup:.2f}x ({sustained.p50_ms:.0f} vs {other.p50_ms:.0f} ms)",
+        )
+    if log_stats is not None:
+        dropped = log_stats.get("prediction_log_dropped_total", math.nan)
+        queued, written = (
+            log_stats.get("prediction_log_enqueued_total", 0),
+            log_stats.get("prediction_log_written_total", 0),
+        )
+        verdict(
+            dropped == 0 and written == queued,
+            f"prediction log on, nothing dropped: {queued:,.0f} queued, {written:,.0f} written, {dropped:,.0f} dropped",
+        )
     if lines:
         print("\nChecks and targets:")
         for mark, text in lines:

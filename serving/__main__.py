@@ -7,8 +7,10 @@ where to listen.
 from __future__ import annotations
 
 import argparse
+import copy
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +24,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
-    uvicorn.run("serving.app:create_app", factory=True, host=args.host, port=args.port, log_level=args.log_level)
+    # uvicorn configures only its own loggers: without this the server's own lines (loads,
+    # releases, the prediction log) below WARNING would go nowhere.
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["serving"] = {"handlers": ["default"], "level": args.log_level.upper(), "propagate": False}
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        log_config=log_config,
+    )
 
 
 if __name__ == "__main__":

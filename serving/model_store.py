@@ -15,6 +15,7 @@ import logging
 import tempfile
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,19 @@ MAX_RETRY_SECONDS = 60.0
 
 class ModelUnavailable(RuntimeError):
     """No model can be resolved or loaded; the message says which and why."""
+
+
+class ModelNotFound(ModelUnavailable):
+    """The registry answered: no such model, alias or version."""
+
+
+def _unavailable(message: str, err: Any) -> ModelUnavailable:
+    missing = getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+    return (ModelNotFound if missing else ModelUnavailable)(message)
+
+
+class StoreBusy(RuntimeError):
+    """A load of this model is running; the request conflicts with it (409)."""
 
 
 @dataclass(frozen=True)
@@ -112,16 +126,28 @@ class ModelStore:
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loaded = threading.Event()
+        # Set by promote(): the version served until the alias points at it.
+        self._held_version: str | None = None
         self.last_error: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: ServingSettings, spec: DatasetSpec) -> ModelStore:
-        """A store for the model ``settings`` name, checked against the dataset ``spec``."""
+    def from_settings(
+        cls,
+        settings: ServingSettings,
+        spec: DatasetSpec,
+        *,
+        model_name: str | None = None,
+        alias: str | None = None,
+        version: str | None = None,
+    ) -> ModelStore:
+        """A store for a model (default: the settings' default model), checked against the dataset ``spec``."""
+        default = model_name is None or model_name == settings.model_name
         return cls(
             tracking_uri=settings.tracking_uri,
-            model_name=settings.model_name,
-            alias=settings.model_alias,
-            version=settings.model_version,
+            model_name=model_name or settings.model_name,
+            alias=alias or settings.model_alias,
+            version=version or (settings.model_version if default else None),
             expected_classes=spec.target.allowed_values,
             expected_features=spec.feature_names,
             poll_seconds=settings.alias_poll_seconds,
@@ -151,8 +177,8 @@ class ModelStore:
         try:
             return str(self._client().get_model_version_by_alias(self.model_name, self.alias).version)
         except MlflowException as err:
-            raise ModelUnavailable(
-                f"cannot resolve {self.model_name}@{self.alias} at {self.tracking_uri}: {err.message}"
+            raise _unavailable(
+                f"cannot resolve {self.model_name}@{self.alias} at {self.tracking_uri}: {err.message}", err
             ) from err
 
     def load(self, version: str) -> ModelHandle:
@@ -186,7 +212,7 @@ class ModelStore:
         except ModelUnavailable:
             raise
         except MlflowException as err:
-            raise ModelUnavailable(f"cannot load {where} from {self.tracking_uri}: {err.message}") from err
+            raise _unavailable(f"cannot load {where} from {self.tracking_uri}: {err.message}", err) from err
         except Exception as err:  # whatever breaks a load (I/O, skops refusing a type), the old model serves on
             raise ModelUnavailable(f"cannot load {where}: {type(err).__name__}: {err}") from err
         self._check_fits_dataset(pipeline, where)
@@ -236,10 +262,24 @@ class ModelStore:
         """Serve ``handle`` from now on; returns the model it replaced."""
         with self._swap_lock:
             old, self._current = self._current, handle
+        self._loaded.set()
         return old
+
+    def not_ready_reason(self) -> str | None:
+        """Why no model is served yet (loading, or the last error), None once one is."""
+        if self._current is not None:
+            return None
+        what = f"{self.model_name}@{self.alias}" if self.alias else f"{self.model_name} v{self.pinned_version}"
+        if self.last_error:
+            return self.last_error
+        return f"loading {what} from {self.tracking_uri}"
 
     def reload(self) -> tuple[str | None, str]:
         """Resolve the alias now and serve that version if it is not already served.
+
+        After ``promote`` the promoted version keeps serving until the alias points at it
+        (then the store follows the alias again), so a completed release is not undone by
+        an alias that has not moved yet.
 
         Returns:
             (old_version, new_version); equal when nothing changed.
@@ -248,8 +288,18 @@ class ModelStore:
             ModelUnavailable: Resolving or loading failed; the old model keeps serving.
         """
         with self._reload_lock:
-            old = self._current
+            return self._reload_locked()
+
+    def _reload_locked(self) -> tuple[str | None, str]:
+        old = self._current
+        try:
             version = self.resolve_version()
+            held = self._held_version
+            if held is not None and old is not None and old.version == held:
+                if version != held:
+                    self.last_error = None
+                    return held, held
+                self._held_version = None  # the alias caught up: follow it from now on
             if old is not None and old.version == version:
                 self.last_error = None
                 return old.version, version
@@ -258,23 +308,70 @@ class ModelStore:
             self.last_error = None
             log.info("serving %s v%s (was %s)", self.model_name, version, old.version if old else "nothing")
             return (old.version if old else None), version
+        finally:
+            if self._current is not None:
+                self._loaded.set()
+
+    def begin_reload(self) -> Future[tuple[str | None, str]] | None:
+        """Start a reload on its own thread; None when a load is already running (the caller answers 409).
+
+        The caller awaits the returned future (``asyncio.wrap_future``) instead of holding a
+        worker thread while the model downloads.
+        """
+        if not self._reload_lock.acquire(blocking=False):
+            return None
+        future: Future[tuple[str | None, str]] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._reload_locked())
+            except BaseException as err:  # handed to the waiting request
+                future.set_exception(err)
+            finally:
+                self._reload_lock.release()
+
+        threading.Thread(target=run, name=f"reload-{self.model_name}", daemon=True).start()
+        return future
+
+    @property
+    def busy(self) -> bool:
+        """A load (first load, poll or reload) is running."""
+        return self._reload_lock.locked()
+
+    def promote(self, handle: ModelHandle) -> ModelHandle | None:
+        """Serve ``handle`` (a loaded candidate) as the baseline, without a reload.
+
+        It keeps serving until the followed alias points at its version (a pinned store
+        is pinned to it from now on). Returns the model it replaced.
+
+        Raises:
+            StoreBusy: A load is running (try again when it is done).
+        """
+        if not self._reload_lock.acquire(blocking=False):
+            raise StoreBusy(f"a load of {self.model_name} is running")
+        try:
+            if self.pinned_version:
+                self.pinned_version = handle.version
+                self._held_version = None
+            else:
+                self._held_version = handle.version
+            return self.swap(handle)
+        finally:
+            self._reload_lock.release()
+
+    def wait_until_loaded(self, timeout: float | None = None) -> bool:
+        """Block until a model is served (True) or ``timeout`` passed (False)."""
+        return self._loaded.wait(timeout)
 
     def start(self) -> None:
-        """Load the model and start the background thread when there is something to do.
+        """Load the model in the background, retrying until it loads, then poll the alias if asked.
 
-        A failed first load does not raise: the server stays up and not ready, and the
-        thread retries with backoff, so a model registered later is picked up by itself.
+        Returns at once: the server listens while the model loads (``/ready`` says so),
+        and a model registered later is picked up by itself.
         """
-        if self._current is None:
-            try:
-                self.reload()
-            except ModelUnavailable as err:
-                self.last_error = str(err)
-                log.error("no model to serve yet: %s (retrying in the background)", err)
-        needs_thread = self._current is None or (self.poll_seconds > 0 and not self.pinned_version)
-        if needs_thread and self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
-            self._thread = threading.Thread(target=self._watch, name="model-store", daemon=True)
+            self._thread = threading.Thread(target=self._watch, name=f"model-store-{self.model_name}", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -286,25 +383,32 @@ class ModelStore:
 
     def _watch(self) -> None:
         retry = INITIAL_RETRY_SECONDS
-        while True:
+        polling = self.poll_seconds > 0 and not self.pinned_version
+        if self._current is not None and not polling:
+            return  # given a model already (e.g. swapped in by hand), and nothing to poll
+        wait = self.poll_seconds if self._current is not None else 0.0  # the first load at once
+        while not self._stop.wait(wait):
             waiting_for_first = self._current is None
-            if not waiting_for_first and (self.poll_seconds <= 0 or self.pinned_version):
-                return  # loaded, and nothing to poll
-            if self._stop.wait(retry if waiting_for_first else self.poll_seconds):
-                return
             try:
                 old, new = self.reload()
             except ModelUnavailable as err:
                 self.last_error = str(err)
-                log.warning("model reload failed, still serving %s: %s", self._version_text(), err)
-                retry = min(retry * 2, MAX_RETRY_SECONDS)
+                if waiting_for_first:
+                    log.error("no model to serve yet: %s (retrying in %.0f s)", err, retry)
+                else:
+                    log.warning("model reload failed, still serving %s: %s", self._version_text(), err)
+                wait, retry = retry, min(retry * 2, MAX_RETRY_SECONDS)
                 continue
-            except Exception:  # never let the watcher die: the next poll may succeed
-                log.exception("unexpected error while reloading the model")
+            except Exception:  # never let the watcher die: the next attempt may succeed
+                log.exception("unexpected error while loading the model")
+                wait = retry
                 continue
             retry = INITIAL_RETRY_SECONDS
-            if old != new:
+            if old is not None and old != new:
                 log.info("alias %s moved: v%s -> v%s", self.alias, old, new)
+            if self.poll_seconds <= 0 or self.pinned_version:
+                return  # loaded, and nothing to poll
+            wait = self.poll_seconds
 
     def _version_text(self) -> str:
         return f"v{self._current.version}" if self._current else "nothing"

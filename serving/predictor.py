@@ -6,8 +6,11 @@ validates its input once per tree. The server therefore scores through a ``Predi
 
 * ``CompiledPredictor`` does the same arithmetic without the per-call overhead: the
   one-hot encoding in numpy, a forest as a loop over its fitted trees (summed in the
-  order scikit-learn sums them with ``n_jobs=1``), and any other step or estimator
-  through scikit-learn itself. It is built only for pipelines whose every step it knows,
+  order scikit-learn sums them with ``n_jobs=1``), a histogram gradient boosting model
+  on one OpenMP thread (its per-row sums do not depend on the thread count, and on a
+  server sharing its cores with the event loop and other processes, OpenMP's
+  fork-join per tree turns a 1 ms call into hundreds of milliseconds under load), and
+  any other step or estimator through scikit-learn itself. It is built only for pipelines whose every step it knows,
   and served only after it reproduced the pipeline's labels and probabilities on a probe
   sample drawn from the dataset spec (``build_predictor``).
 * ``PipelinePredictor`` calls the pipeline itself; it serves everything else.
@@ -28,14 +31,18 @@ micro-batch.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from serving.schema import EXACT_IN_FLOAT64
 from tasks.dataset_spec import CATEGORICAL, ColumnSpec
 
 log = logging.getLogger(__name__)
@@ -46,8 +53,7 @@ log = logging.getLogger(__name__)
 PROBABILITY_TOLERANCE = 1e-9
 PROBE_ROWS = 256
 ROW_BY_ROW_PROBES = 8
-# Below 2**53 every integer is exactly a float64; int64 columns may hold larger values.
-_EXACT_IN_FLOAT64 = {"int8", "int16", "int32", "float32", "float64"}
+_EXACT_IN_FLOAT64 = EXACT_IN_FLOAT64
 
 
 class Predictor:
@@ -128,11 +134,20 @@ class CompiledPredictor(Predictor):
         self.trees = trees
         self.n_classes = len(self.classes)
         self._safe_float64 = all(c.dtype in _EXACT_IN_FLOAT64 for c in self.columns)
+        self.boosting = _is_plain_hist_gradient_boosting(self.estimator)
+        if self.boosting:
+            # The booster converts its input to float64 first: one-hot 0/1 columns are made in
+            # float64 directly (the same values) instead of float32 and copied.
+            for block in self.blocks:
+                if isinstance(block, _OneHotBlock):
+                    block.dtype = np.dtype(np.float64)
 
     def describe(self) -> str:
         encoded = sum(len(b.positions) for b in self.blocks if isinstance(b, _OneHotBlock))
         others = [type(b.transformer).__name__ for b in self.blocks if isinstance(b, _SklearnBlock)]
         estimator = f"{len(self.trees)} trees summed in numpy" if self.trees else type(self.estimator).__name__
+        if self.boosting:
+            estimator += " on one thread"
         parts = [f"one-hot of {encoded} features in numpy"] if encoded else []
         parts += [f"{name} via scikit-learn" for name in others]
         return f"compiled ({', '.join(parts + [estimator])})"
@@ -140,21 +155,50 @@ class CompiledPredictor(Predictor):
     def _transform(self, rows: Sequence[Sequence[Any]]) -> Any:
         matrix = _matrix(rows, self.columns)
         outputs = [block.transform(matrix, self) for block in self.blocks]
+        if len(outputs) == 1:
+            return outputs[0]
         # ColumnTransformer concatenates its dense outputs the same way (dtypes promoted alike).
         return np.hstack(outputs)
 
     def _predict_proba(self, features: Any) -> np.ndarray:
+        if self.boosting:
+            # HistGradientBoostingClassifier.predict_proba, each part on one OpenMP thread (module docstring).
+            raw = _in_parts(lambda part: self.estimator._raw_predict(part, n_threads=1), features)
+            return self.estimator._loss.predict_proba(raw)
         if not self.trees:
             return self.estimator.predict_proba(features)
         # The forest's own validation casts to float32; non-finite input is left to it (it raises).
         features = np.asarray(features, dtype=np.float32)
         if not np.isfinite(features).all():
             return self.estimator.predict_proba(features)
+        return _in_parts(self._forest_proba, features)
+
+    def _forest_proba(self, features: np.ndarray) -> np.ndarray:
         total = np.zeros((features.shape[0], self.n_classes), dtype=np.float64)
         for tree in self.trees:
             total += tree.predict(features)[:, : self.n_classes]
         total /= len(self.trees)
         return total
+
+
+# Rows per part when a large batch is scored on several threads; a part never waits for
+# another (no barrier per tree as with OpenMP), so a busy core only slows its own part.
+ROWS_PER_PART = 2500
+_PARTS = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="predict-part")
+
+
+def _in_parts(score: Any, features: np.ndarray) -> np.ndarray:
+    """``score(features)``, computed on row ranges in parallel threads (the scoring releases the GIL).
+
+    Rows are scored independently (the booster's sums run per row), so the parts
+    concatenated are exactly the answer of one call.
+    """
+    parts = min(os.cpu_count() or 1, len(features) // ROWS_PER_PART)
+    if parts < 2:
+        return score(features)
+    bounds = np.linspace(0, len(features), parts + 1, dtype=int)
+    results = list(_PARTS.map(score, [features[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]))
+    return np.concatenate(results)
 
 
 class _Block:
@@ -168,20 +212,57 @@ class _Block:
 
 
 class _OneHotBlock(_Block):
-    """``OneHotEncoder(sparse_output=False)`` without ``drop`` or infrequent categories, in numpy."""
+    """``OneHotEncoder(sparse_output=False)`` without ``drop`` or infrequent categories, in numpy.
 
-    def __init__(self, positions: list[int], categories: list[np.ndarray], dtype: Any, unknown_is_error: bool) -> None:
+    All features of the block are compared with their categories in one broadcast
+    comparison (categories padded with NaN, which equals nothing) rather than one
+    comparison per feature.
+    """
+
+    def __init__(
+        self,
+        positions: list[int],
+        categories: list[np.ndarray],
+        dtype: Any,
+        unknown_is_error: bool,
+        column_dtypes: Sequence[str] = (),
+    ) -> None:
         super().__init__(positions)
         self.categories = categories
         self.dtype = dtype
         self.unknown_is_error = unknown_is_error
         self.width = sum(len(c) for c in categories)
+        self.column_dtypes = list(column_dtypes) or ["float64"] * len(positions)
+        most = max((len(c) for c in categories), default=0)
+        self.padded = np.full((len(categories), most), np.nan)
+        for k, feature_categories in enumerate(categories):
+            self.padded[k, : len(feature_categories)] = feature_categories.astype(np.float64)
+        self.cast_groups = [
+            (dtype, [j for j, d in enumerate(self.column_dtypes) if d == dtype])
+            for dtype in sorted(set(self.column_dtypes) - {"float64"})
+        ]
+        uneven = any(len(c) != most for c in categories)
+        self.kept = [k * most + i for k, c in enumerate(categories) for i in range(len(c))] if uneven else None
 
     def transform(self, matrix: np.ndarray, predictor: CompiledPredictor) -> np.ndarray:
+        if matrix.dtype != np.float64:
+            return self._feature_by_feature(matrix, predictor)
+        values = matrix[:, self.positions]
+        for dtype, where in self.cast_groups:
+            # Cast first, as the pipeline does (e.g. to int8 or float32): the encoder compares cast values.
+            values[:, where] = values[:, where].astype(dtype)
+        hits = values[:, :, None] == self.padded[None, :, :]
+        # Categories are distinct: every value is known exactly when there is one hit per value.
+        if self.unknown_is_error and np.count_nonzero(hits) != values.size:
+            position = self.positions[int(np.nonzero(~hits.any(axis=2).all(axis=0))[0][0])]
+            raise ValueError(f"unknown category in feature {predictor.feature_names[position]!r}")
+        flat = hits.reshape(matrix.shape[0], -1)
+        return (flat if self.kept is None else flat[:, self.kept]).astype(self.dtype)
+
+    def _feature_by_feature(self, matrix: np.ndarray, predictor: CompiledPredictor) -> np.ndarray:
         out = np.empty((matrix.shape[0], self.width), dtype=self.dtype)
         start = 0
         for position, categories in zip(self.positions, self.categories, strict=True):
-            # Cast first, as the pipeline does (e.g. to float32): the encoder compares cast values.
             column = matrix[:, position].astype(predictor.columns[position].dtype)
             hits = column[:, None] == categories[None, :]
             if self.unknown_is_error and not hits.any(axis=1).all():
@@ -340,10 +421,17 @@ def probe_sample(columns: Sequence[ColumnSpec], rows: int, seed: int = 0) -> lis
     return list(zip(*values, strict=True))
 
 
-def _matrix(rows: Sequence[Sequence[Any]], columns: Sequence[ColumnSpec]) -> np.ndarray:
-    """The rows as one 2-D array: float64 when that holds every value exactly, else objects."""
-    exact = all(c.dtype in _EXACT_IN_FLOAT64 for c in columns)
-    matrix = np.array(rows, dtype=np.float64 if exact else object)
+def _matrix(rows: Any, columns: Sequence[ColumnSpec]) -> np.ndarray:
+    """The rows (tuples, or already a matrix) as one 2-D array: float64 when that holds every value exactly, else objects."""
+    if isinstance(rows, np.ndarray):
+        matrix = rows
+    elif all(c.dtype in _EXACT_IN_FLOAT64 for c in columns):
+        # One pass over the values: np.array would first work out the nesting of the tuples.
+        count = len(rows) * len(columns)
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.float64, count=count)
+        matrix = flat.reshape(len(rows), len(columns)) if len(rows) else flat.reshape(0, len(columns))
+    else:
+        matrix = np.array(rows, dtype=object)
     if matrix.ndim != 2 or matrix.shape[1] != len(columns):
         raise ValueError(f"expected rows of {len(columns)} features, got an array of shape {matrix.shape}")
     return matrix
@@ -380,7 +468,21 @@ def _is_batch_invariant(preprocess: Any, estimator: Any) -> bool:
     from sklearn.tree import DecisionTreeClassifier
 
     trees = isinstance(estimator, ForestClassifier | DecisionTreeClassifier) and _predicts_argmax(estimator)
+    # Boosting sums each row's leaf values over the iterations in one order, whatever the batch.
+    trees = trees or _is_plain_hist_gradient_boosting(estimator)
     return trees and (preprocess is None or _row_wise(preprocess))
+
+
+def _is_plain_hist_gradient_boosting(estimator: Any) -> bool:
+    """An unmodified, fitted HistGradientBoostingClassifier (its private scoring calls are the ones we know)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    return (
+        type(estimator) is HistGradientBoostingClassifier
+        and hasattr(estimator, "_predictors")
+        and hasattr(estimator, "_loss")
+        and _predicts_argmax(estimator)
+    )
 
 
 def _row_wise(transformer: Any) -> bool:
@@ -441,7 +543,8 @@ def _one_hot_block(fitted: Any, positions: list[int], columns: Sequence[ColumnSp
         numeric = values.dtype.kind in "iuf" and np.isfinite(values.astype(np.float64)).all()
         if not numeric or columns[position].dtype not in _EXACT_IN_FLOAT64:
             raise _NotCompilable(f"feature {columns[position].name!r} has non-numeric categories or an int64 dtype")
-    return _OneHotBlock(positions, categories, np.dtype(fitted.dtype), fitted.handle_unknown == "error")
+    dtypes = [columns[position].dtype for position in positions]
+    return _OneHotBlock(positions, categories, np.dtype(fitted.dtype), fitted.handle_unknown == "error", dtypes)
 
 
 def _forest_trees(estimator: Any) -> list[Any]:

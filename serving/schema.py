@@ -7,20 +7,22 @@ extra or ill-typed feature is FastAPI's 422 naming the field, never a model erro
 
 from __future__ import annotations
 
+import itertools
 import keyword
 import math
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from pydantic_core import PydanticCustomError
 
+from serving.prediction_log import RESERVED_RECORD_KEYS
 from tasks.dataset_spec import CATEGORICAL, ColumnSpec, DatasetSpec
 
-# Keys of a prediction-log record besides the features; a feature with one of these
-# names would overwrite it, so such a spec is refused at start-up.
-RESERVED_RECORD_KEYS = frozenset({"request_id", "timestamp", "model_name", "model_version", "label", "probability"})
+# Dtypes whose every value float64 holds exactly (int64 may not: beyond 2**53).
+EXACT_IN_FLOAT64 = frozenset({"int8", "int16", "int32", "float32", "float64"})
 
 
 def _strict_int(value: Any) -> Any:
@@ -40,8 +42,10 @@ def _numeric_bounds(column: ColumnSpec) -> tuple[int | float, int | float]:
     """Inclusive (low, high) of a numeric column: the spec's bounds within the range of its dtype."""
     # The pipeline casts requests to the spec's dtype: values outside it would wrap or become inf.
     info = np.iinfo(column.dtype) if column.is_integer else np.finfo(column.dtype)
-    low = info.min.item() if column.min_value is None else max(column.min_value, info.min.item())
-    high = info.max.item() if column.max_value is None else min(column.max_value, info.max.item())
+    # As Python numbers: numpy 2 gives ints for iinfo and numpy floats for finfo.
+    kind = int if column.is_integer else float
+    low = kind(info.min) if column.min_value is None else max(column.min_value, kind(info.min))
+    high = kind(info.max) if column.max_value is None else min(column.max_value, kind(info.max))
     return low, high
 
 
@@ -119,9 +123,11 @@ class FastDecoder:
     Build it with ``fast_decoder``, which returns None for specs it cannot mirror.
     """
 
-    def __init__(self, record: type[msgspec.Struct], batch: type[msgspec.Struct]) -> None:
+    def __init__(self, record: type[msgspec.Struct], batch: type[msgspec.Struct], exact_in_float64: bool) -> None:
         self._record = msgspec.json.Decoder(record)
         self._batch = msgspec.json.Decoder(batch)
+        self.width = len(record.__struct_fields__)
+        self.exact_in_float64 = exact_in_float64
 
     def record(self, body: bytes) -> tuple[Any, ...] | None:
         """The record's feature values, or None when the body is not a valid record."""
@@ -130,14 +136,34 @@ class FastDecoder:
         except msgspec.MsgspecError:
             return None
 
-    def batch(self, body: bytes) -> list[tuple[Any, ...]] | None:
+    def batch(self, body: bytes) -> DecodedBatch | None:
         """The records' feature values, or None when the body is not a valid batch."""
         try:
             records = self._batch.decode(body).records  # type: ignore[attr-defined]
         except msgspec.MsgspecError:
             return None
         astuple = msgspec.structs.astuple
-        return [astuple(record) for record in records]
+        if not self.exact_in_float64:
+            rows = [astuple(record) for record in records]
+            return DecodedBatch(rows, rows)
+        # One pass over the decoded values, no list of tuples in between.
+        values = itertools.chain.from_iterable(map(astuple, records))
+        flat = np.fromiter(values, dtype=np.float64, count=len(records) * self.width)
+        return DecodedBatch(flat.reshape(len(records), self.width), records)
+
+
+class DecodedBatch(NamedTuple):
+    """A decoded batch body.
+
+    Attributes:
+        rows: What the predictor scores: a float64 matrix (one row per record) when float64
+            holds every allowed value exactly, else one tuple per record.
+        records: The values as decoded (msgspec structs or tuples, in the spec's feature
+            order), for the prediction log: they keep each value's JSON type.
+    """
+
+    rows: Any
+    records: Sequence[Any]
 
 
 def fast_decoder(spec: DatasetSpec, max_batch_size: int) -> FastDecoder | None:
@@ -163,7 +189,7 @@ def fast_decoder(spec: DatasetSpec, max_batch_size: int) -> FastDecoder | None:
     record = msgspec.defstruct(f"{spec.name}_record", fields, forbid_unknown_fields=True)
     records = Annotated[list[record], msgspec.Meta(min_length=1, max_length=max_batch_size)]  # type: ignore[valid-type]
     batch = msgspec.defstruct(f"{spec.name}_batch", [("records", records)], forbid_unknown_fields=True)
-    return FastDecoder(record, batch)
+    return FastDecoder(record, batch, all(c.dtype in EXACT_IN_FLOAT64 for c in spec.features))
 
 
 class Prediction(BaseModel):
@@ -205,8 +231,70 @@ class ReloadResult(BaseModel):
 
 class Status(BaseModel):
     status: str
-    model_version: str | None = None
+    model_version: str | None = Field(default=None, description="Version of the default model.")
     detail: str | None = None
+    models: dict[str, str | None] | None = Field(
+        default=None, description="Every served model and the version its baseline serves (null: not loaded)."
+    )
+
+
+class ReleaseSummary(BaseModel):
+    mode: Literal["shadow", "canary"]
+    candidate_version: str
+    weight: float
+
+
+class ModelDetail(ModelInfo):
+    """A served model: its baseline (as ``GET /model``), its dataset and its running release."""
+
+    dataset: str
+    release: ReleaseSummary | None = Field(description="The running release, or null.")
+
+
+class ModelSummary(BaseModel):
+    model_name: str
+    dataset: str
+    model_version: str | None = Field(description="Version the baseline serves, null while it loads.")
+    alias: str | None
+    ready: bool
+    release: ReleaseSummary | None
+
+
+class ModelList(BaseModel):
+    """``GET /models``: what the server serves; ``default`` answers ``/predict``."""
+
+    default: str
+    models: list[ModelSummary]
+
+
+class ModelConfig(BaseModel):
+    """Body of ``PUT /admin/models/{name}``: serve a registered model beside the others."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(pattern=r"^[a-z][a-z0-9_]{0,99}$", description="Dataset spec name of its requests.")
+    alias: str = Field(default="champion", pattern=r"^[A-Za-z0-9_-]{1,100}$", description="Alias the baseline follows.")
+    version: str | None = Field(default=None, pattern=r"^[1-9][0-9]{0,9}$", description="Pin a version instead.")
+
+
+class FaultSpec(BaseModel):
+    """Faults injected into the candidate only (refused unless the server runs with FAULT_INJECTION=true)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    latency_ms: float = Field(default=0.0, ge=0.0, le=60_000.0)
+
+
+class ReleaseRequest(BaseModel):
+    """Body of ``POST /admin/models/{name}/release``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate_version: str = Field(pattern=r"^[1-9][0-9]{0,9}$")
+    mode: Literal["shadow", "canary"]
+    weight: float = Field(default=0.0, ge=0.0, le=1.0, description="Share of request ids the canary answers.")
+    fault: FaultSpec | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -12,13 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.app import create_app
 from serving.model_store import ModelHandle, ModelStore
-from tests.serving.conftest import API_KEY, Registry, make_log, make_settings, record_of
+from tests.serving.conftest import ADMIN_KEY, API_KEY, Registry, make_log, make_settings, record_of, serving_client
 
 PROTECTED = [
-    ("GET", "/model", None),
-    ("POST", "/predict", "record"),
-    ("POST", "/predict/batch", "batch"),
-    ("POST", "/admin/reload", None),
+    ("GET", "/model", None, API_KEY),
+    ("POST", "/predict", "record", API_KEY),
+    ("POST", "/predict/batch", "batch", API_KEY),
+    ("POST", "/admin/reload", None, ADMIN_KEY),
 ]
 
 
@@ -32,25 +32,29 @@ def _samples(text: str, name: str) -> list[Any]:
 
 
 def test_probes_and_metrics_are_open(api: TestClient):
-    assert api.get("/health").json() == {"status": "ok", "model_version": None, "detail": None}
+    assert api.get("/health").json() == {"status": "ok", "model_version": None, "detail": None, "models": None}
     ready = api.get("/ready")
     assert (ready.status_code, ready.json()["model_version"]) == (200, "1")
+    assert ready.json()["models"] == {"network_security": "1"}
     metrics = api.get("/metrics")
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "model_info" in metrics.text
 
 
-@pytest.mark.parametrize(("method", "path", "body"), PROTECTED)
-def test_protected_endpoints_need_the_key(api: TestClient, registry: Registry, method: str, path: str, body: str):
+@pytest.mark.parametrize(("method", "path", "body", "key"), PROTECTED)
+def test_protected_endpoints_need_their_key(api: TestClient, registry: Registry, method, path, body, key):
     payload = _body(body, registry)
+    other_key = ADMIN_KEY if key == API_KEY else API_KEY
 
     missing = api.request(method, path, json=payload)
     wrong = api.request(method, path, json=payload, headers={"X-API-Key": "not-the-key"})
-    right = api.request(method, path, json=payload, headers={"X-API-Key": API_KEY})
+    other = api.request(method, path, json=payload, headers={"X-API-Key": other_key})
+    right = api.request(method, path, json=payload, headers={"X-API-Key": key})
 
     assert (missing.status_code, missing.json()["detail"]) == (401, "missing X-API-Key header")
     assert (wrong.status_code, wrong.json()["detail"]) == (403, "invalid API key")
+    assert other.status_code == 403  # the predict key opens no admin route, the admin key no prediction
     assert right.status_code == 200, right.text
 
 
@@ -61,7 +65,7 @@ def test_a_non_ascii_key_is_refused_not_a_server_error(api: TestClient):
 
 def test_without_a_configured_key_the_server_is_open_when_allowed(champion_is_v1: Registry, aws: Any):
     settings = make_settings(champion_is_v1, api_key=None, allow_no_api_key=True)
-    with TestClient(create_app(settings, prediction_log=make_log(aws))) as client:
+    with serving_client(create_app(settings, prediction_log=make_log(aws))) as client:
         assert client.get("/model").json()["model_version"] == "1"
 
 
@@ -174,7 +178,7 @@ def test_model_endpoint_shows_the_champion_and_its_training_data(api, auth, regi
 
 def test_a_pinned_version_wins_over_the_alias(champion_is_v1: Registry, aws: Any, auth):
     settings = make_settings(champion_is_v1, model_version="2")
-    with TestClient(create_app(settings, prediction_log=make_log(aws))) as client:
+    with serving_client(create_app(settings, prediction_log=make_log(aws))) as client:
         info = client.get("/model", headers=auth).json()
 
     assert (info["model_version"], info["alias"]) == ("2", None)
@@ -230,7 +234,7 @@ def test_a_failing_model_is_a_503_with_a_clear_message(champion_is_v1: Registry,
         ModelHandle(_BrokenPipeline(), champion_is_v1.model_name, "7", None, None, dt.datetime.now(dt.UTC), "champion")
     )
     app = create_app(make_settings(champion_is_v1), store=store, prediction_log=make_log(aws))
-    with TestClient(app) as client:
+    with serving_client(app) as client:
         answer = client.post("/predict", json=record_of(champion_is_v1.features, 0), headers=auth)
         logged = app.state.prediction_log.stats()["enqueued"]
 
@@ -242,7 +246,7 @@ def test_a_failing_model_is_a_503_with_a_clear_message(champion_is_v1: Registry,
 
 def test_without_a_model_the_server_is_alive_but_not_ready(champion_is_v1: Registry, aws: Any, auth):
     settings = make_settings(champion_is_v1, model_name="no_such_model")
-    with TestClient(create_app(settings, prediction_log=make_log(aws))) as client:
+    with serving_client(create_app(settings, prediction_log=make_log(aws)), ready=False) as client:
         health, ready = client.get("/health"), client.get("/ready")
         predict = client.post("/predict", json=record_of(champion_is_v1.features, 0), headers=auth)
         model = client.get("/model", headers=auth)

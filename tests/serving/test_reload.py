@@ -9,14 +9,13 @@ from typing import Any
 
 import mlflow
 import pytest
-from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from sklearn.dummy import DummyClassifier
 
 from serving.app import create_app
 from serving.model_store import ModelStore, ModelUnavailable
 from tasks.model_io import SKOPS_TRUSTED_TYPES
-from tests.serving.conftest import PIP_REQUIREMENTS, Registry, make_log, make_settings, record_of
+from tests.serving.conftest import PIP_REQUIREMENTS, Registry, make_log, make_settings, record_of, serving_client
 
 
 def _positive_probability(registry: Registry, version: str, record: dict[str, int], spec) -> float:
@@ -27,14 +26,14 @@ def _positive_probability(registry: Registry, version: str, record: dict[str, in
     return float(pipeline.predict_proba(frame)[0, list(pipeline.classes_).index(spec.positive_class)])
 
 
-def test_reload_after_the_alias_moved_serves_the_new_version(api, auth, champion_is_v1: Registry, spec):
+def test_reload_after_the_alias_moved_serves_the_new_version(api, auth, admin, champion_is_v1: Registry, spec):
     record = record_of(champion_is_v1.features, 7)
     before = api.post("/predict", json=record, headers=auth).json()
 
     champion_is_v1.move_alias("champion", "2")
-    reloaded = api.post("/admin/reload", headers=auth)
+    reloaded = api.post("/admin/reload", headers=admin)
     after = api.post("/predict", json=record, headers=auth).json()
-    again = api.post("/admin/reload", headers=auth).json()
+    again = api.post("/admin/reload", headers=admin).json()
 
     assert reloaded.status_code == 200
     assert reloaded.json() == {"old_version": "1", "new_version": "2", "reloaded": True}
@@ -46,7 +45,7 @@ def test_reload_after_the_alias_moved_serves_the_new_version(api, auth, champion
     assert api.get("/model", headers=auth).json()["model_version"] == "2"
 
 
-def test_requests_during_reloads_all_succeed_and_never_mix_versions(api, auth, champion_is_v1: Registry, spec):
+def test_requests_during_reloads_all_succeed_and_never_mix_versions(api, auth, admin, champion_is_v1: Registry, spec):
     records = [record_of(champion_is_v1.features, i) for i in range(8)]
     expected = {
         version: [_positive_probability(champion_is_v1, version, r, spec) for r in records] for version in ("1", "2")
@@ -72,7 +71,7 @@ def test_requests_during_reloads_all_succeed_and_never_mix_versions(api, auth, c
         for version in ("2", "1", "2"):
             time.sleep(0.15)
             champion_is_v1.move_alias("champion", version)
-            reload = api.post("/admin/reload", headers=auth)
+            reload = api.post("/admin/reload", headers=admin)
             assert reload.status_code == 200, reload.text
             versions_served.append(reload.json()["new_version"])
         time.sleep(0.15)
@@ -91,14 +90,14 @@ def test_requests_during_reloads_all_succeed_and_never_mix_versions(api, auth, c
         assert body["probability"] == expected[body["model_version"]][i]
 
 
-def test_a_failed_reload_keeps_serving_the_old_model(champion_is_v1: Registry, aws: Any, auth):
+def test_a_failed_reload_keeps_serving_the_old_model(champion_is_v1: Registry, aws: Any, auth, admin):
     client = MlflowClient(tracking_uri=champion_is_v1.tracking_uri)
     client.set_registered_model_alias(champion_is_v1.model_name, "staging", "1")
     settings = make_settings(champion_is_v1, model_alias="staging")
     try:
-        with TestClient(create_app(settings, prediction_log=make_log(aws))) as api:
+        with serving_client(create_app(settings, prediction_log=make_log(aws))) as api:
             client.delete_registered_model_alias(champion_is_v1.model_name, "staging")
-            reload = api.post("/admin/reload", headers=auth)
+            reload = api.post("/admin/reload", headers=admin)
             predict = api.post("/predict", json=record_of(champion_is_v1.features, 0), headers=auth)
     finally:
         client.delete_registered_model_alias(champion_is_v1.model_name, "staging")
@@ -112,7 +111,7 @@ def test_polling_follows_the_alias(champion_is_v1: Registry):
     store = ModelStore(tracking_uri=champion_is_v1.tracking_uri, model_name=champion_is_v1.model_name, poll_seconds=0.1)
     store.start()
     try:
-        assert store.current.version == "1"
+        assert store.wait_until_loaded(10) and store.current.version == "1"
         champion_is_v1.move_alias("champion", "2")
         deadline = time.monotonic() + 10
         while store.current.version != "2" and time.monotonic() < deadline:

@@ -17,7 +17,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from schemathesis import GenerationMode
 
 from serving.app import create_app
-from tests.serving.conftest import API_KEY, Registry, loaded_store, make_log, make_settings
+from tests.serving.conftest import ADMIN_KEY, API_KEY, Registry, loaded_store, make_log, make_settings
 
 
 class _MemoryS3:
@@ -57,6 +57,16 @@ OPERATIONS = [
     "POST /predict",
     "POST /predict/batch",
     "POST /admin/reload",
+    "GET /models",
+    "GET /models/{name}",
+    "POST /models/{name}/predict",
+    "POST /models/{name}/predict/batch",
+    "POST /admin/models/{name}/reload",
+    "PUT /admin/models/{name}",
+    "GET /admin/models/{name}/release",
+    "POST /admin/models/{name}/release",
+    "POST /admin/models/{name}/release/abort",
+    "POST /admin/models/{name}/release/complete",
 ]
 
 
@@ -75,6 +85,6 @@ def test_generated_requests_never_get_a_server_error(api_schema: Any, operation:
     @given(case=valid_and_invalid)
     @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def answers_as_documented(case: schemathesis.Case) -> None:
-        case.call_and_validate(headers={"X-API-Key": API_KEY})
+        case.call_and_validate(headers={"X-API-Key": ADMIN_KEY if path.startswith("/admin/") else API_KEY})
 
     answers_as_documented()
