@@ -26,6 +26,7 @@ SECRETS = {
     "AIRFLOW__API__SECRET_KEY": TOKEN,
     "AIRFLOW_ADMIN_PASSWORD": TOKEN,
     "SERVING_API_KEY_FILE": f"mkdir -p secrets && {TOKEN} > secrets/serving_api_key",
+    "SERVING_ADMIN_API_KEY_FILE": f"mkdir -p secrets && {TOKEN} > secrets/serving_admin_api_key",
 }
 
 

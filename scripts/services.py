@@ -181,6 +181,8 @@ def stack_environment(paths: Paths, ports: Ports) -> dict[str, str]:
         # serving_local connection) and the API key it is started with.
         "SERVING_PORT": str(ports.serving),
         "NS_SERVING_API_KEY": local_secret(paths, "serving_api_key", lambda: secrets.token_urlsafe(24)),
+        # The model server's /admin/* key: another secret, so a predict client cannot reload or release.
+        "NS_SERVING_ADMIN_API_KEY": local_secret(paths, "serving_admin_api_key", lambda: secrets.token_urlsafe(24)),
         "AIRFLOW_HOME": str(paths.airflow_home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),

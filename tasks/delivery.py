@@ -106,16 +106,28 @@ def fleet(plan: RunPlan, ec2: Any, ssm: Any, region: str, release: Mapping[str, 
 
 
 def model_server(
-    plan: RunPlan, *, host: str, port: int, api_key: str | None, aws_options: Mapping[str, Any]
+    plan: RunPlan,
+    *,
+    host: str,
+    port: int,
+    api_key: str | None,
+    admin_api_key: str | None,
+    aws_options: Mapping[str, Any],
 ) -> LocalServer:
     """The local model server of this plan's model (started by :func:`serve_local`).
 
     Raises:
-        ValueError: No API key (the serving connection's password is empty).
+        ValueError: No API key (the serving connection's password is empty) or no admin key
+            (its ``admin_api_key`` extra is empty).
     """
     if not api_key:
         raise ValueError(
             f"connection {plan.settings.serving_conn_id!r} has no password: set the model server's API key there"
+        )
+    if not admin_api_key:
+        raise ValueError(
+            f"connection {plan.settings.serving_conn_id!r} has no `admin_api_key` extra: set the model "
+            "server's admin key there (another secret than the API key; it guards /admin/*)"
         )
     folder = state_dir()
     environment = serving_environment(
@@ -123,17 +135,18 @@ def model_server(
         model_name=plan.model_name,
         dataset=plan.dataset,
         api_key=api_key,
+        admin_api_key=admin_api_key,
         prediction_log_bucket=plan.settings.lake_bucket,
         aws_options=aws_options,
     )
     return LocalServer(folder / "serving", host, port, environment, owner_id=str(folder))
 
 
-def serve_local(plan: RunPlan, server: LocalServer, api_key: str) -> dict[str, Any]:
+def serve_local(plan: RunPlan, server: LocalServer) -> dict[str, Any]:
     """Start the local model server if needed and make it serve the champion (in-process swap)."""
     require_target(plan, "local")
     process = server.ensure_started()
-    reload = server.reload(api_key)
+    reload = server.reload()
     log.info(
         "local model server %s at %s: v%s -> v%s", process, server.url, reload["old_version"], reload["new_version"]
     )
@@ -236,7 +249,6 @@ def roll_back(
     ssm: Any,
     region: str,
     server: LocalServer | None,
-    api_key: str | None,
     dag_run_id: str,
 ) -> dict[str, Any]:
     """Champion back to previous_champion, every reached target back to it, each logged.
@@ -279,7 +291,7 @@ def roll_back(
             detail = f"SSM command {sent}: nginx back to the previous slot"
             rows.append(row("ec2", "rolled_back", detail, restored, instance_ids=fleet["instance_ids"]))
         else:
-            reload = server.reload(api_key)
+            reload = server.reload()
             detail = f"reloaded v{reload['old_version']} -> v{reload['new_version']}"
             rows.append(row("local", "rolled_back", detail, restored, endpoint=server.url))
     monitoring_store.write(store, "deployment_log", rows)

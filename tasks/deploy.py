@@ -68,6 +68,7 @@ class Ec2Config:
     instance_profile: str = ""
     slot_ports: tuple[int, int] = (8001, 8002)
     api_key_parameter: str = "/network-security/serving/api-key"
+    admin_api_key_parameter: str = "/network-security/serving/admin-api-key"
 
     def __post_init__(self) -> None:
         if not self.tags:
@@ -313,6 +314,7 @@ def user_data(config: Ec2Config, *, region: str, tracking_uri: str, environment:
             "MLFLOW_TRACKING_URI": tracking_uri,
             "AWS_DEFAULT_REGION": region,
             "API_KEY_FILE": "/run/secrets/api_key",
+            "ADMIN_API_KEY_FILE": "/run/secrets/admin_api_key",
             **environment,
         }.items()
     )
@@ -327,7 +329,9 @@ cat > /opt/ns-serving/serving.env <<'ENV'
 ENV
 aws ssm get-parameter --region {shlex.quote(region)} --with-decryption \\
     --name {shlex.quote(config.api_key_parameter)} --query Parameter.Value --output text > /opt/ns-serving/api_key
-chmod 600 /opt/ns-serving/api_key
+aws ssm get-parameter --region {shlex.quote(region)} --with-decryption \\
+    --name {shlex.quote(config.admin_api_key_parameter)} --query Parameter.Value --output text > /opt/ns-serving/admin_api_key
+chmod 600 /opt/ns-serving/api_key /opt/ns-serving/admin_api_key
 echo 'server 127.0.0.1:{blue};' > /etc/nginx/ns-upstream.conf
 cat > /etc/nginx/conf.d/ns-serving.conf <<'NGINX'
 upstream ns_serving {{ include /etc/nginx/ns-upstream.conf; }}
@@ -396,6 +400,7 @@ docker pull "$IMAGE_URI"
 docker rm -f "ns-serving-$NEW" 2>/dev/null || true
 docker run -d --name "ns-serving-$NEW" --restart unless-stopped --env-file serving.env \\
   -e MODEL_VERSION="$MODEL_VERSION" -v /opt/ns-serving/api_key:/run/secrets/api_key:ro \\
+  -v /opt/ns-serving/admin_api_key:/run/secrets/admin_api_key:ro \\
   -p "127.0.0.1:$PORT:{CONTAINER_PORT}" "$IMAGE_URI"
 for attempt in $(seq 1 60); do
   curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null && break

@@ -25,8 +25,9 @@ from tasks.tracking import CHAMPION
 
 log = logging.getLogger(__name__)
 
-# The serving app's prediction log waits up to 10 s for S3 when it closes: a stop gives it more.
-STOP_TIMEOUT_SECONDS = 30.0
+# The serving app waits up to 20 s for S3 when it closes (PREDICTION_LOG_CLOSE_TIMEOUT_SECONDS) and 5 s for
+# shadow scoring: a stop gives it more (as compose's stop_grace_period does).
+STOP_TIMEOUT_SECONDS = 40.0
 # boto3 keyword arguments (what the AWS connection yields) -> the environment the server's boto3 reads.
 AWS_ENVIRONMENT = {
     "aws_access_key_id": "AWS_ACCESS_KEY_ID",
@@ -64,6 +65,7 @@ def serving_environment(
     model_name: str,
     dataset: str,
     api_key: str,
+    admin_api_key: str,
     prediction_log_bucket: str,
     aws_options: Mapping[str, Any],
     alias: str = CHAMPION,
@@ -75,6 +77,8 @@ def serving_environment(
         "MODEL_ALIAS": alias,
         "DATASET": dataset,
         "API_KEY": api_key,
+        # /admin/* takes its own key (the server refuses to start when it equals API_KEY).
+        "ADMIN_API_KEY": admin_api_key,
         "PREDICTION_LOG_BUCKET": prediction_log_bucket,
         **{AWS_ENVIRONMENT[k]: str(v) for k, v in aws_options.items() if v and k in AWS_ENVIRONMENT},
     }
@@ -171,14 +175,26 @@ class LocalServer:
         except OSError:
             return None
 
-    def reload(self, api_key: str, timeout: float = 300.0) -> dict[str, Any]:
-        """Ask the server to follow its alias now; returns ``old_version``, ``new_version``, ``reloaded``."""
+    def reload(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Ask the server to follow its alias now; returns ``old_version``, ``new_version``, ``reloaded``.
+
+        Sent with the admin key of the server's environment. A 409 (a load is already running:
+        the start-up load, or another reload) is waited out, as its ``Retry-After`` asks.
+        """
+        import time
+
         import httpx
 
-        try:
-            response = httpx.post(f"{self.url}/admin/reload", headers={"X-API-Key": api_key}, timeout=timeout)
-        except httpx.HTTPError as err:
-            raise LocalServerError(f"cannot reach {self.url}/admin/reload: {err}") from err
+        headers = {"X-API-Key": self.environment.get("ADMIN_API_KEY", "")}
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = httpx.post(f"{self.url}/admin/reload", headers=headers, timeout=timeout)
+            except httpx.HTTPError as err:
+                raise LocalServerError(f"cannot reach {self.url}/admin/reload: {err}") from err
+            if response.status_code != 409 or time.monotonic() > deadline:
+                break
+            time.sleep(float(response.headers.get("Retry-After", 1)))
         if response.status_code != 200:
             raise LocalServerError(f"{self.url}/admin/reload answered {response.status_code}: {response.text[:300]}")
         return response.json()

@@ -22,13 +22,15 @@ GROUP_ID = "deploy"
 
 
 def _local_server(plan: Any) -> tuple[Any, str | None]:
-    """The local model server on the plan's serving connection (host, port, the API key as password)."""
+    """The local model server on the plan's serving connection (host, port, the API key as password,
+    the admin key as the ``admin_api_key`` extra)."""
     connection = runtime.connection(plan.settings.serving_conn_id)
     server = delivery.model_server(
         plan,
         host=connection.host or "127.0.0.1",
         port=int(connection.port or 8000),
         api_key=connection.password,
+        admin_api_key=(connection.extra_dejson or {}).get("admin_api_key"),
         aws_options=runtime.aws_options(plan),
     )
     return server, connection.password
@@ -80,8 +82,7 @@ def deploy_group(plan: Any, *, rollback_on_failure: bool = True, ssm_waiter_dela
             run = runtime.run_plan(plan)
             with runtime.failures(run):
                 delivery.require_target(run, "local")
-                server, api_key = _local_server(run)
-                return delivery.serve_local(run, server, api_key)
+                return delivery.serve_local(run, _local_server(run)[0])
 
         @task(task_id="smoke_test")
         def smoke_test(plan: dict, release: dict, local: dict) -> dict:
@@ -151,11 +152,11 @@ def deploy_group(plan: Any, *, rollback_on_failure: bool = True, ssm_waiter_dela
                     delivery.require_release(release)  # before the plan: the run may have failed making it
                 run = runtime.run_plan(plan)
                 with runtime.failures(run):
-                    server, api_key = _local_server(run) if "local" in run.deploy_targets else (None, None)
+                    server = _local_server(run)[0] if "local" in run.deploy_targets else None
                     return delivery.roll_back(
                         run, store=runtime.store(run), release=release, fleet=fleet,
                         ssm=runtime.aws_client(run, "ssm"), region=runtime.aws_region(run),
-                        server=server, api_key=api_key, dag_run_id=run_id,
+                        server=server, dag_run_id=run_id,
                     )  # fmt: skip
 
             chain([release, image, fleet, rollout_ec2, local, smoke], rollback(plan))

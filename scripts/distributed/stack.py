@@ -107,6 +107,7 @@ def _model_server(config: Config, env: dict[str, str]) -> Service:
         model_name=settings.model_name or settings.dataset,
         dataset=settings.dataset,
         api_key=env["NS_SERVING_API_KEY"],
+        admin_api_key=env["NS_SERVING_ADMIN_API_KEY"],
         prediction_log_bucket=settings.lake_bucket,
         aws_options={
             "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],

@@ -55,6 +55,7 @@ EMBEDDED_ONLY = {
     # The model server's API key is a compose secret (a file): airflow-init reads it into the
     # serving_local connection; no Airflow process needs it in its environment.
     "NS_SERVING_API_KEY",
+    "NS_SERVING_ADMIN_API_KEY",
 }
 
 
@@ -412,10 +413,12 @@ def _check_secrets(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def proper_secrets(tmp_path_factory) -> dict[str, str]:
     from cryptography.fernet import Fernet
 
-    key_file = tmp_path_factory.mktemp("secrets") / "serving_api_key"
-    key_file.write_text("a-real-generated-key\n")
+    folder = tmp_path_factory.mktemp("secrets")
     values = {name: f"generated-{name.lower()}" for name in SECRETS}
-    values |= {"AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(), "SERVING_API_KEY_FILE": str(key_file)}
+    for name in ("serving_api_key", "serving_admin_api_key"):
+        (folder / name).write_text(f"a-real-generated-{name}\n")
+        values[f"{name.upper()}_FILE"] = str(folder / name)
+    values |= {"AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode()}
     return values
 
 
@@ -450,12 +453,14 @@ def test_a_missing_key_file_and_a_malformed_fernet_key_are_refused(proper_secret
     assert done.returncode == 1 and "is not a Fernet key" in done.stderr
 
 
-def test_the_serving_api_key_comes_from_a_secret_file(raw):
-    assert raw["secrets"]["serving_api_key"]["file"].endswith("/secrets/serving_api_key}")
+@pytest.mark.parametrize(("secret", "variable"), [("serving_api_key", "API_KEY_FILE"),
+                                                  ("serving_admin_api_key", "ADMIN_API_KEY_FILE")])  # fmt: skip
+def test_the_serving_keys_come_from_secret_files(raw, secret, variable):
+    assert raw["secrets"][secret]["file"].endswith(f"/secrets/{secret}}}")
     for name in ("serving", "secrets-check", "airflow-init"):
-        assert "serving_api_key" in raw["services"][name].get("secrets", []), name
-    assert compose.environment(raw["services"]["serving"])["API_KEY_FILE"] == "/run/secrets/serving_api_key"
-    assert "/run/secrets/serving_api_key" in "\n".join(raw["services"]["airflow-init"]["command"])
+        assert secret in raw["services"][name].get("secrets", []), name
+    assert compose.environment(raw["services"]["serving"])[variable] == f"/run/secrets/{secret}"
+    assert f"/run/secrets/{secret}" in "\n".join(raw["services"]["airflow-init"]["command"])
     assert "secrets/" in (ROOT / ".gitignore").read_text()
 
 

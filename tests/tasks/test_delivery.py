@@ -94,7 +94,7 @@ def test_a_run_that_failed_before_the_release_rolls_nothing_back(store):
     with pytest.raises(delivery.NothingReleased):
         delivery.roll_back(
             plan(), store=store, release=None, fleet=None, ssm=None, region="us-east-1", server=None,
-            api_key=None, dag_run_id="run",
+            dag_run_id="run",
         )  # fmt: skip
     assert store.table("deployment_log") == []
 
@@ -107,7 +107,7 @@ def test_a_first_release_cannot_be_rolled_back_and_says_so_in_the_log(store, mon
     with pytest.raises(registry.NothingToRollBack, match="deploy of network_security v7 failed and cannot be"):
         delivery.roll_back(
             plan(), store=store, release=RELEASE, fleet=None, ssm=None, region="us-east-1", server=None,
-            api_key=None, dag_run_id="run",
+            dag_run_id="run",
         )  # fmt: skip
     rows = store.table("deployment_log")
     assert {(r["target"], r["status"]) for r in rows} == {("local", "rollback_failed"), ("ec2", "rollback_failed")}
@@ -122,7 +122,7 @@ def test_a_failed_release_on_the_fleet_is_sent_back_through_ssm(store, monkeypat
         instance = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
         result = delivery.roll_back(
             plan(), store=store, release=RELEASE, fleet={"instance_ids": [instance]}, ssm=ssm,
-            region="us-east-1", server=None, api_key=None, dag_run_id="run",
+            region="us-east-1", server=None, dag_run_id="run",
         )  # fmt: skip
         (command,) = ssm.list_commands()["Commands"]
     assert result["champion_version"] == "6" and result["rolled_back_version"] == "7"

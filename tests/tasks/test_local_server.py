@@ -216,13 +216,14 @@ def test_ensure_started_stops_our_server_when_its_environment_changed(tmp_path, 
 
 def test_the_server_environment_carries_the_model_and_the_aws_connection():
     environment = serving_environment(
-        tracking_uri="http://mlflow:5000", model_name="m", dataset="d", api_key="k", prediction_log_bucket="lake",
+        tracking_uri="http://mlflow:5000", model_name="m", dataset="d", api_key="k", admin_api_key="a",
+        prediction_log_bucket="lake",
         aws_options={"aws_access_key_id": "id", "aws_secret_access_key": "s", "aws_session_token": None,
                      "region_name": "eu-west-1", "endpoint_url": "http://moto:5000", "profile": "ignored"},
     )  # fmt: skip
     assert environment == {
         "MLFLOW_TRACKING_URI": "http://mlflow:5000", "MODEL_NAME": "m", "MODEL_ALIAS": "champion", "DATASET": "d",
-        "API_KEY": "k", "PREDICTION_LOG_BUCKET": "lake", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s",
+        "API_KEY": "k", "ADMIN_API_KEY": "a", "PREDICTION_LOG_BUCKET": "lake", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s",
         "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://moto:5000",
     }  # fmt: skip
 
