@@ -15,13 +15,13 @@ import io
 import pandas as pd
 import pytest
 
-from scripts.dag_runner import run_dag
 from tasks import storage
 from tasks.config import TRAINING_DAG_ID, Settings
 from tasks.datagen import generate
 from tasks.dataset_spec import load_spec
 from tasks.layout import DayLayout
 from tasks.model_io import SKOPS_TRUSTED_TYPES
+from tests.dag_runs import run_dag
 
 pytestmark = pytest.mark.integration
 

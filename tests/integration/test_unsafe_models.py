@@ -18,13 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from scripts.dag_runner import run_dag
 from tasks import drift, storage
 from tasks.config import DRIFT_DAG_ID, Settings
 from tasks.datagen import generate
 from tasks.dataset_spec import load_spec
 from tasks.gate import GateRule
 from tasks.model_io import SKOPS_TRUSTED_TYPES, UnsafeModel, load_model
+from tests.dag_runs import run_dag
 
 pytestmark = pytest.mark.integration
 
