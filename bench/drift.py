@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import free_port, load_average, table
+from bench.common import load_average, moto_server, table
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "bench-lake"
@@ -57,12 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_work(args.worker, args.rows[0], args.endpoint, args.format)))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-drift-") as folder:
-        moto = _start_moto(Path(folder))
-        try:
-            return _compare(args, moto[1])
-        finally:
-            moto[0].terminate()
-            moto[0].wait(10)
+        with moto_server(Path(folder)) as endpoint:
+            return _compare(args, endpoint)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -78,28 +74,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=["project", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def _start_moto(folder: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = (folder / "moto.log").open("wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{endpoint}/moto-api/data.json", timeout=2).status_code == 200:
-                return process, endpoint
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.terminate()
-    raise RuntimeError(f"moto_server did not start on {endpoint}; see {folder / 'moto.log'}")
 
 
 def _client(endpoint: str) -> Any:

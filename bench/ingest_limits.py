@@ -34,7 +34,6 @@ import json
 import math
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from bench.common import moto_server
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATASET = "network_security"
@@ -61,12 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_work(args.worker, args.endpoint, args.ds, args.dataset)))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as folder:
-        moto, endpoint = _start_moto(Path(folder))
-        try:
+        port = os.environ.get("MOTO_PORT")
+        with moto_server(Path(folder), int(port) if port else None) as endpoint:
             return _compare(args, endpoint)
-        finally:
-            moto.terminate()
-            moto.wait(30)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -86,34 +84,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ds", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", default=DATASET, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def _start_moto(folder: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = int(os.environ.get("MOTO_PORT") or _free_port())
-    endpoint = f"http://127.0.0.1:{port}"
-    log = (folder / "moto.log").open("wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{endpoint}/moto-api/data.json", timeout=2).status_code == 200:
-                return process, endpoint
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.terminate()
-    raise RuntimeError(f"moto_server did not start on {endpoint} (port taken? set MOTO_PORT); see {folder}/moto.log")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _client(endpoint: str) -> Any:
