@@ -138,12 +138,13 @@ def test_pid_file_with_garbage_is_none(tmp_path):
     assert server.pid() is None
 
 
-def test_fingerprint_follows_the_environment(tmp_path):
+def test_fingerprint_follows_the_environment_but_not_the_model_selection(tmp_path):
     base = make_server(tmp_path, port=8000, MODEL_NAME="a", API_KEY="k")
     assert base.fingerprint == make_server(tmp_path, port=8000, API_KEY="k", MODEL_NAME="a").fingerprint
     assert len(base.fingerprint) == 64
+    # Deploying model b to the running server adds it (PUT /admin/models/b): no restart drops a.
+    assert make_server(tmp_path, port=8000, MODEL_NAME="b", DATASET="b", API_KEY="k").fingerprint == base.fingerprint
     for other in (
-        make_server(tmp_path, port=8000, MODEL_NAME="b", API_KEY="k"),
         make_server(tmp_path, port=8000, MODEL_NAME="a", API_KEY="other"),
         make_server(tmp_path, port=8000, MODEL_NAME="a", API_KEY="k", MLFLOW_TRACKING_URI="http://x"),
     ):
