@@ -80,6 +80,6 @@ def retrain_trigger(decide_task_id: str = "decide_retraining", **kwargs: Any) ->
         conf=decision_of(decide_task_id, "retrain", "conf"),
         skip_when_already_exists=True,
         wait_for_completion=False,
-        map_index_template="{{ task.trigger_dag_id }}",
+        map_index_template="{{ task.conf['dataset'] }}",
         **kwargs,
     )

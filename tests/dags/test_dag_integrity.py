@@ -191,8 +191,8 @@ def test_the_drift_checks_are_mapped_per_dataset(offline_dagbag):
     assert type(group).__name__ == "MappedTaskGroup"
     mapped = {"check_drift", "decide_retraining", "trigger_retraining", "no_retraining"}
     assert {task.task_id for task in group} == mapped
-    for task_id in mapped:  # the grid names each map index after its dataset (or its training DAG)
-        assert drift.get_task(task_id).map_index_template in ("{{ dataset }}", "{{ task.trigger_dag_id }}")
+    for task_id in mapped:  # the grid names each map index after its dataset
+        assert drift.get_task(task_id).map_index_template in ("{{ dataset }}", "{{ task.conf['dataset'] }}")
 
 
 @pytest.mark.parametrize(
