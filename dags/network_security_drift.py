@@ -17,8 +17,8 @@ retrain goes to its own training DAG.
 | `ensure_monitoring_store` | creates the monitoring tables (`include/sql/monitoring_store.sql`) if missing, on the plan's connection | |
 | `check_drift [<dataset>]` | reads the window column-projected (sampled above `sample_cap` rows) from `predictions/<model>/dt=.../HH/` and the legacy `predictions/dt=.../HH/` (an unreadable object is skipped and counted), finds the champion's snapshot through its MLflow run, runs Evidently; `report.html` + `metrics.json` to `s3://<lake>/drift/<dataset>/<run>/` and a run in the `network_security_monitoring` experiment. Too few rows: **skipped** with the reason | summary |
 | `decide_retraining [<dataset>]` | the retrain rule (`tasks/retrain.py`): retrain when a PSI >= threshold in `consecutive_checks` checks in a row, unless a run of *this dataset's* training DAG is queued or running or its cooldown after its last triggered retrain is on; records the check in `drift_check` and a triggered retrain in `retrain_log` | decision |
-| `trigger_retraining [<dataset>]` | `TriggerDagRunOperator` on the dataset's training DAG (`network_security_training`, `<dataset>_training`) with `conf` = dataset, reason, signals, report URI, max PSI, drifted features, the newest labelled `ds`; run id `drift__<dataset>__<window end>`, so a retried trigger creates nothing | |
-| `no_retraining [<dataset>]` | logs why not | |
+| `trigger_retraining [<dataset>]` | `TriggerDagRunOperator` on the dataset's training DAG (`network_security_training`, `<dataset>_training`) with `conf` = dataset, reason, signals, report URI, max PSI, drifted features, the newest labelled `ds`; run id `drift__<dataset>__<window end>`, so a retried trigger creates nothing; skipped (saying why) when no retrain was decided | |
+| `no_retraining [<dataset>]` | says why not (skipped when a retrain was triggered) | outcome, reason |
 
 **Trigger**: hourly by schedule (`NS_SCHEDULE_NETWORK_SECURITY_DRIFT`: a cron, a preset such as
 `@daily`, or `none`), or manually. Params (all optional): `dataset` (check only that one),
@@ -39,9 +39,9 @@ from network_security.dag_parts import (
     default_args,
     ensure_monitoring_store,
     label_map_index,
-    retrain_trigger,
 )
 from network_security.links import EvidentlyReportLink, MLflowRunLink, with_links
+from network_security.operators import RetrainTrigger
 from tasks import drift
 from tasks.config import DRIFT_DAG_ID, dag_schedule
 
@@ -92,7 +92,7 @@ def network_security_drift():
         with runtime.failures():
             return drift.run_check(runtime.s3(check), runtime.store(check), check, run_id)
 
-    @task.branch(task_id="decide_retraining", map_index_template=MAP_INDEX_TEMPLATE)
+    @task(task_id="decide_retraining", map_index_template=MAP_INDEX_TEMPLATE)
     def decide_retraining(plan: dict, summary: dict, run_id=None, ti=None) -> str:
         """Retrain rule and storm protection of this dataset; records the check."""
         check = runtime.check_plan(plan)
@@ -100,20 +100,29 @@ def network_security_drift():
         active = runtime.active_training_runs(ti, check.dataset)
         decision = drift.decide_retraining(runtime.s3(check), runtime.store(check), check, summary, run_id, active)
         ti.xcom_push(key="decision", value=drift.decision_xcom(check, decision))
-        return "trigger_retraining" if decision.trigger else "no_retraining"
+        return decision.outcome
 
+    # Exactly one of trigger_retraining and no_retraining runs, the other skips itself (RetrainTrigger says why).
     @task(map_index_template=MAP_INDEX_TEMPLATE)
     def no_retraining(ti=None) -> dict:
         """Say why no training run was triggered."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
         decision = ti.xcom_pull(task_ids="decide_retraining", key="decision", map_indexes=ti.map_index)
         label_map_index(decision["dataset"])
+        if decision["trigger"]:
+            raise AirflowSkipException(f"{decision['dataset']}: training run {decision['retrain']['run_id']} triggered")
         return {"dataset": decision["dataset"], "outcome": decision["outcome"], "reason": decision["reason"]}
 
     # One group per dataset; task ids stay unprefixed (check_drift, ...), each labelled with its dataset.
     @task_group(group_id="per_dataset", prefix_group_id=False)
     def per_dataset(plan: dict) -> None:
         summary = with_links(check_drift(plan), EvidentlyReportLink(), MLflowRunLink())
-        trigger = retrain_trigger(on_success_callback=alerts.on_retraining_triggered)
+        trigger = RetrainTrigger(
+            task_id="trigger_retraining",
+            doc_md="Creates the training run of this dataset's drift window on its training DAG (idempotent run id).",
+            on_success_callback=alerts.on_retraining_triggered,
+        )
         chain(summary, decide_retraining(plan, summary), [trigger, no_retraining()])
 
     # The plans share their settings (one Variable): the first names the monitoring store.

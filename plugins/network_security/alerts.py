@@ -58,8 +58,7 @@ def failure_payload(context: dict[str, Any]) -> dict[str, Any]:
     ti = context["ti"]
     error = context.get("exception")
     reason = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
-    # A mapped task says which one (its dataset, when the DAG labels map indexes with it).
-    mapped = getattr(ti, "map_index", -1)
+    mapped = getattr(ti, "map_index", -1)  # a mapped task says which one (its dataset, as the DAG labels it)
     label = getattr(ti, "rendered_map_index", None) or (str(mapped) if mapped not in (-1, None) else "")
     where = f"{ti.dag_id}.{ti.task_id}" + (f" [{label}]" if label else "")
     return {
@@ -83,7 +82,6 @@ def on_task_failure(context: dict[str, Any]) -> None:
 def on_retraining_triggered(context: dict[str, Any]) -> None:
     """``on_success_callback`` of the drift DAG's ``trigger_retraining``: drift worth a retrain."""
     ti = context["ti"]
-    # This map index's (this dataset's) decision and check, not every dataset's.
     decision = ti.xcom_pull(task_ids="decide_retraining", key="decision", map_indexes=ti.map_index) or {}
     summary = ti.xcom_pull(task_ids="check_drift", map_indexes=ti.map_index) or {}
     retrain = decision.get("retrain") or {}

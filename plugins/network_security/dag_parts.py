@@ -36,8 +36,8 @@ def from_plan(*path: str | int, plan_task_id: str = "plan_run") -> str:
 
 
 def ensure_monitoring_store(plan_task_id: str = "plan_run", *within: str | int) -> Any:
-    """``SQLExecuteQueryOperator`` creating the monitoring store's tables if missing, on the plan's connection
-    (``within``: where ``settings`` sits in that XCom, e.g. ``0`` for the first of a list of per-dataset plans)."""
+    """``SQLExecuteQueryOperator`` creating the monitoring tables if missing, on the plan's connection
+    (``within``: where ``settings`` sits in that XCom, e.g. ``0``: the first of a list of plans)."""
     from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 
     return SQLExecuteQueryOperator(
@@ -49,8 +49,7 @@ def ensure_monitoring_store(plan_task_id: str = "plan_run", *within: str | int) 
     )
 
 
-# --- one mapped task group per dataset (drift, quality): the plan task returns one plan per dataset
-# (``tasks.datasets.monitored_datasets``); each task of the group labels its map index with the dataset.
+# One mapped task group per dataset (drift, quality): each task labels its map index with the dataset.
 MAP_INDEX_TEMPLATE = "{{ dataset }}"
 
 
@@ -59,27 +58,3 @@ def label_map_index(dataset: str) -> None:
     from airflow.sdk import get_current_context
 
     get_current_context()["dataset"] = dataset  # type: ignore[index]
-
-
-def decision_of(decide_task_id: str, *path: str) -> str:
-    """A template of this map index's decision (XCom key ``decision``), e.g. ``decision_of(t, "retrain", "run_id")``."""
-    pull = f"ti.xcom_pull(task_ids={decide_task_id!r}, key='decision', map_indexes=ti.map_index)"
-    return "{{ " + pull + "".join(f"[{key!r}]" for key in path) + " }}"
-
-
-def retrain_trigger(decide_task_id: str = "decide_retraining", **kwargs: Any) -> Any:
-    """``TriggerDagRunOperator`` of the decided training run (``tasks.drift.decision_xcom``) on the dataset's
-    training DAG; the run id derives from dataset and window, so a retried trigger creates nothing."""
-    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-
-    return TriggerDagRunOperator(
-        task_id="trigger_retraining",
-        doc_md="Creates the training run of this dataset's drift window on its training DAG (idempotent run id).",
-        trigger_dag_id=decision_of(decide_task_id, "training_dag_id"),
-        trigger_run_id=decision_of(decide_task_id, "retrain", "run_id"),
-        conf=decision_of(decide_task_id, "retrain", "conf"),
-        skip_when_already_exists=True,
-        wait_for_completion=False,
-        map_index_template="{{ task.conf['dataset'] }}",
-        **kwargs,
-    )
