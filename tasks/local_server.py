@@ -182,13 +182,15 @@ class LocalServer:
         except OSError:
             return None
 
-    def _admin(self, method: str, path: str, timeout: float, body: dict[str, Any] | None = None) -> Any:
-        """One admin call with the server's admin key; a busy 409 (``Retry-After``: a load is running) is waited out."""
+    def _admin(
+        self, method: str, path: str, timeout: float, body: dict[str, Any] | None = None, key: str = "ADMIN_API_KEY"
+    ) -> Any:
+        """One call with the server's admin key (or ``key``); a busy 409 (``Retry-After``: a load is running) is waited out."""
         import time
 
         import httpx
 
-        headers = {"X-API-Key": self.environment.get("ADMIN_API_KEY", "")}
+        headers = {"X-API-Key": self.environment.get(key, "")}
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -215,8 +217,8 @@ class LocalServer:
     def serve(self, model_name: str, dataset: str, timeout: float = 300.0) -> dict[str, Any]:
         """Serve ``model_name`` (requests of ``dataset``) at its champion, beside whatever else the server serves.
 
-        Adds the model when the server does not serve it yet (``PUT /admin/models/{name}``,
-        idempotent), then reloads that model alone; the other models are not touched.
+        Adds the model when the server does not serve it yet (``PUT /admin/models/{name}``), then
+        reloads that model alone (a load still running is waited out); the others are not touched.
 
         Returns:
             The reload's ``old_version``, ``new_version``, ``reloaded`` of that model.
@@ -224,7 +226,14 @@ class LocalServer:
         Raises:
             LocalServerError: The server refused (e.g. it serves that name for another dataset).
         """
-        self._admin("PUT", f"/admin/models/{model_name}", timeout, {"dataset": dataset})
+        served = {m["model_name"]: m for m in self._admin("GET", "/models", timeout, key="API_KEY")["models"]}
+        if model_name not in served:
+            self._admin("PUT", f"/admin/models/{model_name}", timeout, {"dataset": dataset})
+        elif served[model_name]["dataset"] != dataset:
+            raise LocalServerError(
+                f"{self.url} serves {model_name} for dataset {served[model_name]['dataset']}, not {dataset}: "
+                "a registered model serves one dataset; give the other one its own model name"
+            )
         return self.reload(model_name, timeout)
 
     def stop(self) -> str:
