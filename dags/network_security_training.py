@@ -1,7 +1,9 @@
 """
 ### Network-security training
 
-Keeps the phishing classifier current. Every day it waits for the day's labelled
+Keeps the phishing classifier current, and every other onboarded dataset's model: one DAG per
+spec in `include/datasets/` (`network_security_training`, `<dataset>_training`), the same steps,
+one run at a time per dataset, its training in its own pool. Every day it waits for the day's labelled
 drop in the raw bucket, snapshots and validates it, builds the features, trains
 candidate models tracked in MLflow and promotes the best one only if it beats the
 gate against the current champion.
@@ -25,7 +27,7 @@ Bad data fails fast (no retries) and is quarantined; infrastructure errors (S3, 
 are retried. A rejected challenger ends the run successfully with `promote_champion` skipped.
 
 **Trigger**: daily by schedule (`NS_SCHEDULE_NETWORK_SECURITY_TRAINING`), manually, or by the drift DAG. Params (all optional):
-`ds` (default: the logical date), `dataset`, `window_days` (train on the last N days),
+`ds` (default: the logical date), `dataset` (fixed to the DAG's), `window_days` (train on the last N days),
 `reason` / `drift_report_uri` / `max_psi` / `drifted_features` (recorded on the MLflow run),
 `force_gate` (`promote` or `reject`) with a mandatory `force_reason`, logged in the
 model card and the promotion log; `smoke_min_accuracy` (default from `include/deploy.yaml`).
