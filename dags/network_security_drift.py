@@ -1,23 +1,27 @@
 """
 ### Network-security drift
 
-Watches what the served champion sees and retrains it when its inputs or its predictions
-drift. Every hour it compares the prediction log of the last `window_hours` hours (only the
-rows the champion served) with the champion's training snapshot, scored by the champion,
-using Evidently's `DataDriftPreset(method="psi", threshold=psi_threshold)`: one PSI per
-feature and one on the predicted probability.
+Watches what every served champion sees and retrains it when its inputs or its predictions
+drift. Every hour it checks each onboarded dataset that has a champion (one mapped task group
+per dataset, labelled with its name in the grid): the prediction log of the last
+`window_hours` hours (only the rows that dataset's champion served) against the champion's
+training snapshot, scored by the champion, using Evidently's
+`DataDriftPreset(method="psi", threshold=psi_threshold)`: one PSI per feature and one on the
+predicted probability. Each dataset has its own thresholds (`include/drift.yaml`, its
+`datasets:` overrides), its own consecutive-check history, cooldown and storm guard, and its
+retrain goes to its own training DAG.
 
 | step | what it does | output (XCom) |
 | --- | --- | --- |
-| `plan_check` | settings, `include/drift.yaml` (run params override it), the window from the data interval | plan |
+| `plan_check` | per dataset: settings; the datasets to check (every onboarded dataset whose model has a champion, or the `dataset` param's); per dataset `include/drift.yaml` with its overrides (run params override both) and the window from the data interval | plans |
 | `ensure_monitoring_store` | creates the monitoring tables (`include/sql/monitoring_store.sql`) if missing, on the plan's connection | |
-| `check_drift` | reads the window column-projected (sampled above `sample_cap` rows) from `predictions/<model>/dt=.../HH/` and the legacy `predictions/dt=.../HH/` (an unreadable object is skipped and counted), finds the champion's snapshot through its MLflow run, runs Evidently; `report.html` + `metrics.json` to `s3://<lake>/drift/<dataset>/<run>/` and a run in the `network_security_monitoring` experiment. Too few rows: **skipped** with the reason. No champion: fails with what to do | summary |
-| `decide_retraining` | the retrain rule (`tasks/retrain.py`): retrain when a PSI >= threshold in `consecutive_checks` checks in a row, unless a training run is queued or running or the cooldown after the last triggered retrain is on; records the check in `drift_check` and a triggered retrain in `retrain_log` | decision |
-| `trigger_retraining` | `TriggerDagRunOperator` on `network_security_training` with `conf` = reason, signals, report URI, max PSI, drifted features, the newest labelled `ds`; run id `drift__<dataset>__<window end>`, so a retried trigger creates nothing | |
-| `no_retraining` | logs why not | |
+| `check_drift [<dataset>]` | reads the window column-projected (sampled above `sample_cap` rows) from `predictions/<model>/dt=.../HH/` and the legacy `predictions/dt=.../HH/` (an unreadable object is skipped and counted), finds the champion's snapshot through its MLflow run, runs Evidently; `report.html` + `metrics.json` to `s3://<lake>/drift/<dataset>/<run>/` and a run in the `network_security_monitoring` experiment. Too few rows: **skipped** with the reason | summary |
+| `decide_retraining [<dataset>]` | the retrain rule (`tasks/retrain.py`): retrain when a PSI >= threshold in `consecutive_checks` checks in a row, unless a run of *this dataset's* training DAG is queued or running or its cooldown after its last triggered retrain is on; records the check in `drift_check` and a triggered retrain in `retrain_log` | decision |
+| `trigger_retraining [<dataset>]` | `TriggerDagRunOperator` on the dataset's training DAG (`network_security_training`, `<dataset>_training`) with `conf` = dataset, reason, signals, report URI, max PSI, drifted features, the newest labelled `ds`; run id `drift__<dataset>__<window end>`, so a retried trigger creates nothing; skipped (saying why) when no retrain was decided | |
+| `no_retraining [<dataset>]` | says why not (skipped when a retrain was triggered) | outcome, reason |
 
 **Trigger**: hourly by schedule (`NS_SCHEDULE_NETWORK_SECURITY_DRIFT`: a cron, a preset such as
-`@daily`, or `none`), or manually. Params (all optional): `dataset`,
+`@daily`, or `none`), or manually. Params (all optional): `dataset` (check only that one),
 `psi_threshold`, `window_hours`, `min_rows`, `cooldown_minutes`.
 """
 
@@ -26,18 +30,20 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import Param, chain, dag, task
+from airflow.sdk import Param, chain, dag, task, task_group
 
 from network_security import alerts, runtime
-from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store
+from network_security.dag_parts import (
+    INCLUDE,
+    MAP_INDEX_TEMPLATE,
+    default_args,
+    ensure_monitoring_store,
+    label_map_index,
+)
 from network_security.links import EvidentlyReportLink, MLflowRunLink, with_links
+from network_security.operators import RetrainTrigger
 from tasks import drift
-from tasks.config import DRIFT_DAG_ID, TRAINING_DAG_ID, dag_schedule
-from tasks.plan import plan_check
-
-RETRAIN_RUN_ID = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['retrain']['run_id'] }}"
-RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['retrain']['conf'] }}"
+from tasks.config import DRIFT_DAG_ID, dag_schedule
 
 
 @dag(
@@ -51,7 +57,9 @@ RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['r
     tags=["network-security", "monitoring", "drift", "mlops"],
     template_searchpath=[str(INCLUDE)],
     params={
-        "dataset": Param(None, type=["null", "string"], description="Dataset spec name; default: the Variable's"),
+        "dataset": Param(
+            None, type=["null", "string"], description="Check only this dataset; default: every one with a champion"
+        ),
         "psi_threshold": Param(
             None, type=["null", "number"], exclusiveMinimum=0, description="PSI at which a column drifts (0.25)"
         ),
@@ -70,48 +78,55 @@ RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['r
 )
 def network_security_drift():
     @task(task_id="plan_check")
-    def plan_check_task(params=None, data_interval_end=None, dag_run=None) -> dict:
-        """Settings, drift configuration and the window of this check."""
-        return runtime.plan(plan_check, params, data_interval_end, dag_run.run_type, config=drift.load_drift_config())
+    def plan_check_task(params=None, data_interval_end=None, dag_run=None) -> list[dict]:
+        """Per dataset to check: the settings, its drift configuration and the window."""
+        return runtime.check_plans(params, data_interval_end, dag_run.run_type)
 
     plan = plan_check_task()
 
-    @task
+    @task(map_index_template=MAP_INDEX_TEMPLATE)
     def check_drift(plan: dict, run_id=None) -> dict:
         """Evidently PSI of the window against the champion's training data; report to S3 and MLflow."""
         check = runtime.check_plan(plan)
+        label_map_index(check.dataset)
         with runtime.failures():
             return drift.run_check(runtime.s3(check), runtime.store(check), check, run_id)
 
-    @task.branch(task_id="decide_retraining")
+    @task(task_id="decide_retraining", map_index_template=MAP_INDEX_TEMPLATE)
     def decide_retraining(plan: dict, summary: dict, run_id=None, ti=None) -> str:
-        """Retrain rule and storm protection; records the check."""
+        """Retrain rule and storm protection of this dataset; records the check."""
         check = runtime.check_plan(plan)
-        active = runtime.active_training_runs(ti)
+        label_map_index(check.dataset)
+        active = runtime.active_training_runs(ti, check.dataset)
         decision = drift.decide_retraining(runtime.s3(check), runtime.store(check), check, summary, run_id, active)
-        ti.xcom_push(key="decision", value=decision.as_dict())
-        return "trigger_retraining" if decision.trigger else "no_retraining"
+        ti.xcom_push(key="decision", value=drift.decision_xcom(check, decision))
+        return decision.outcome
 
-    trigger_retraining = TriggerDagRunOperator(
-        task_id="trigger_retraining",
-        doc_md="Creates the training run for this drift window (idempotent run id).",
-        trigger_dag_id=TRAINING_DAG_ID,
-        trigger_run_id=RETRAIN_RUN_ID,
-        conf=RETRAIN_CONF,
-        skip_when_already_exists=True,
-        wait_for_completion=False,
-        on_success_callback=alerts.on_retraining_triggered,
-    )
-
-    @task
+    # Exactly one of trigger_retraining and no_retraining runs, the other skips itself (RetrainTrigger says why).
+    @task(map_index_template=MAP_INDEX_TEMPLATE)
     def no_retraining(ti=None) -> dict:
         """Say why no training run was triggered."""
-        decision = ti.xcom_pull(task_ids="decide_retraining", key="decision")
-        return {"outcome": decision["outcome"], "reason": decision["reason"]}
+        from airflow.sdk.exceptions import AirflowSkipException
 
-    summary = with_links(check_drift(plan), EvidentlyReportLink(), MLflowRunLink())
-    chain(plan, ensure_monitoring_store("plan_check"), summary)
-    chain(summary, decide_retraining(plan, summary), [trigger_retraining, no_retraining()])
+        decision = ti.xcom_pull(task_ids="decide_retraining", key="decision", map_indexes=ti.map_index)
+        label_map_index(decision["dataset"])
+        if decision["trigger"]:
+            raise AirflowSkipException(f"{decision['dataset']}: training run {decision['retrain']['run_id']} triggered")
+        return {"dataset": decision["dataset"], "outcome": decision["outcome"], "reason": decision["reason"]}
+
+    # One group per dataset; task ids stay unprefixed (check_drift, ...), each labelled with its dataset.
+    @task_group(group_id="per_dataset", prefix_group_id=False)
+    def per_dataset(plan: dict) -> None:
+        summary = with_links(check_drift(plan), EvidentlyReportLink(), MLflowRunLink())
+        trigger = RetrainTrigger(
+            task_id="trigger_retraining",
+            doc_md="Creates the training run of this dataset's drift window on its training DAG (idempotent run id).",
+            on_success_callback=alerts.on_retraining_triggered,
+        )
+        chain(summary, decide_retraining(plan, summary), [trigger, no_retraining()])
+
+    # The plans share their settings (one Variable): the first names the monitoring store.
+    chain(plan, ensure_monitoring_store("plan_check", 0), per_dataset.expand(plan=plan))
 
 
 network_security_drift()

@@ -1,7 +1,9 @@
 """
 ### Network-security training
 
-Keeps the phishing classifier current. Every day it waits for the day's labelled
+Keeps the phishing classifier current, and every other onboarded dataset's model: one DAG per
+spec in `include/datasets/` (`network_security_training`, `<dataset>_training`), the same steps,
+one run at a time per dataset, its training in its own pool. Every day it waits for the day's labelled
 drop in the raw bucket, snapshots and validates it, builds the features, trains
 candidate models tracked in MLflow and promotes the best one only if it beats the
 gate against the current champion.
@@ -25,7 +27,7 @@ Bad data fails fast (no retries) and is quarantined; infrastructure errors (S3, 
 are retried. A rejected challenger ends the run successfully with `promote_champion` skipped.
 
 **Trigger**: daily by schedule (`NS_SCHEDULE_NETWORK_SECURITY_TRAINING`), manually, or by the drift DAG. Params (all optional):
-`ds` (default: the logical date), `dataset`, `window_days` (train on the last N days),
+`ds` (default: the logical date), `dataset` (fixed to the DAG's), `window_days` (train on the last N days),
 `reason` / `drift_report_uri` / `max_psi` / `drifted_features` (recorded on the MLflow run),
 `force_gate` (`promote` or `reject`) with a mandatory `force_reason`, logged in the
 model card and the promotion log; `smoke_min_accuracy` (default from `include/deploy.yaml`).
@@ -38,7 +40,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
-from airflow.sdk import Param, chain, dag, task
+from airflow.sdk import DAG, Param, chain, dag, task
 
 from network_security import assets, runtime
 from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store, from_plan
@@ -46,47 +48,15 @@ from network_security.delivery import deploy_group
 from network_security.links import MLflowRunLink, with_links
 from network_security.operators import SnapshotValidationOperator
 from tasks import pipeline
-from tasks.config import TRAINING_DAG_ID, dag_schedule
+from tasks.config import dag_schedule, training_dag_id, training_pool
+from tasks.dataset_spec import available_datasets
 from tasks.plan import plan_run
 
 SENSOR_TIMEOUT = timedelta(hours=12)
+# The pool the body's training tasks name; each dataset's DAG swaps in its own (see below).
+TRAINING_POOL = "training"
 
 
-@dag(
-    dag_id=TRAINING_DAG_ID,
-    schedule=dag_schedule(TRAINING_DAG_ID, "@daily"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    doc_md=__doc__,
-    default_args=default_args(execution_timeout=timedelta(hours=1)),
-    tags=["network-security", "training", "mlops"],
-    template_searchpath=[str(INCLUDE)],
-    params={
-        "ds": Param(
-            None, type=["null", "string"], format="date", description="Day (YYYY-MM-DD); default: logical date"
-        ),
-        "dataset": Param(None, type=["null", "string"], description="Dataset spec name; default: the Variable's"),
-        "window_days": Param(1, type="integer", minimum=1, maximum=90, description="Train on the last N days"),
-        "reason": Param(None, type=["null", "string"], description="Why this run was triggered (drift, operator)"),
-        "signals": Param([], type="array", description="Retrain signals that triggered this run (drift, ...)"),
-        "drift_report_uri": Param(None, type=["null", "string"], description="Evidently report behind a drift run"),
-        "max_psi": Param(None, type=["null", "number"], description="Largest PSI seen by the drift check"),
-        "drifted_features": Param([], type="array", description="Features past the PSI threshold"),
-        "force_gate": Param(
-            None, type=["null", "string"], enum=[None, "promote", "reject"], description="Override the gate"
-        ),
-        "force_reason": Param(None, type=["null", "string"], description="Why the gate is overridden (required)"),
-        "smoke_min_accuracy": Param(
-            None,
-            type=["null", "number"],
-            minimum=0,
-            maximum=1,
-            description="Accuracy the deployed model must reach on the smoke records; default include/deploy.yaml",
-        ),
-    },
-    render_template_as_native_obj=True,
-)
 def network_security_training():
     @task(task_id="plan_run")
     def plan_run_task(ds=None, params=None, dag_run=None) -> dict:
@@ -129,7 +99,7 @@ def network_security_training():
         run = runtime.run_plan(plan)
         return pipeline.transform(run, runtime.s3(run))
 
-    @task(pool="training")
+    @task(pool=TRAINING_POOL)
     def train(plan: dict, features: dict, validation_uri: str, dag=None, run_id=None) -> dict:
         """Cross-validate the candidates in MLflow and register the best as challenger."""
         run = runtime.run_plan(plan)
@@ -174,4 +144,62 @@ def network_security_training():
     chain(ensure_store, evaluation)
 
 
-network_security_training()
+def training_params(dataset: str) -> dict[str, Param]:
+    """The run params of ``dataset``'s training DAG (``dataset`` fixed to it: a DAG trains one dataset)."""
+    return {
+        "ds": Param(
+            None, type=["null", "string"], format="date", description="Day (YYYY-MM-DD); default: logical date"
+        ),
+        "dataset": Param(dataset, type="string", enum=[dataset], description="The dataset this DAG trains"),
+        "window_days": Param(1, type="integer", minimum=1, maximum=90, description="Train on the last N days"),
+        "reason": Param(None, type=["null", "string"], description="Why this run was triggered (drift, operator)"),
+        "signals": Param([], type="array", description="Retrain signals that triggered this run (drift, ...)"),
+        "drift_report_uri": Param(None, type=["null", "string"], description="Evidently report behind a drift run"),
+        "max_psi": Param(None, type=["null", "number"], description="Largest PSI seen by the drift check"),
+        "drifted_features": Param([], type="array", description="Features past the PSI threshold"),
+        "force_gate": Param(
+            None, type=["null", "string"], enum=[None, "promote", "reject"], description="Override the gate"
+        ),
+        "force_reason": Param(None, type=["null", "string"], description="Why the gate is overridden (required)"),
+        "smoke_min_accuracy": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            description="Accuracy the deployed model must reach on the smoke records; default include/deploy.yaml",
+        ),
+    }
+
+
+def training_dag(dataset: str) -> DAG:
+    """The training DAG of one dataset: the body above, its own id, schedule, params and pool.
+
+    One DAG per dataset (not a mapped group in one DAG) so ``max_active_runs=1`` holds per
+    dataset: dataset A's retrain never queues behind B's, and the drift DAG's storm guard
+    counts the runs of that dataset only. Its training tasks take the dataset's own pool
+    (``training_<dataset>``, one slot each in ``airflow_settings.yaml``) instead of the
+    shared ``training`` pool the body names, for the same reason.
+    """
+    dag_id = training_dag_id(dataset)
+    built = dag(
+        dag_id=dag_id,
+        schedule=dag_schedule(dag_id, "@daily"),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        doc_md=__doc__,
+        default_args=default_args(execution_timeout=timedelta(hours=1)),
+        tags=["network-security", "training", "mlops", f"dataset:{dataset}"],
+        template_searchpath=[str(INCLUDE)],
+        params=training_params(dataset),
+        render_template_as_native_obj=True,
+    )(network_security_training)()
+    for each in built.tasks:
+        if each.pool == TRAINING_POOL:
+            each.pool = training_pool(dataset)
+    return built
+
+
+# Parse-time I/O: the names of the spec files under include/datasets/, nothing else.
+for _dataset in available_datasets():
+    training_dag(_dataset)

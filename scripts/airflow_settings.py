@@ -4,7 +4,8 @@ There is no Astro CLI here, so this does what ``astro dev start`` does with the 
 ``${NAME:-default}`` from the environment, writes the connections, variables and pools as the
 files ``airflow connections import``, ``airflow variables import`` and ``airflow pools import``
 read (in a private temporary folder: they hold passwords), and runs those three commands, which
-upsert. Run it after ``airflow db migrate``::
+upsert. A pool named with ``{dataset}`` (``training_{dataset}``) becomes one pool per dataset spec
+under ``include/datasets/``, so onboarding a dataset needs no entry here. Run it after ``airflow db migrate``::
 
     python -m scripts.airflow_settings [path/to/airflow_settings.yaml]
 """
@@ -17,7 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,19 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> dict[
     return {key: [item for item in (section.get(key) or []) if item] for key in ("connections", "pools", "variables")}
 
 
-def import_files(settings: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """The file contents the three ``airflow ... import`` commands take, from the Astro-format settings."""
+def import_files(
+    settings: Mapping[str, list[dict[str, Any]]], datasets: Sequence[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The file contents the three ``airflow ... import`` commands take, from the Astro-format settings.
+
+    Args:
+        settings: The ``airflow:`` section of ``airflow_settings.yaml``, expanded.
+        datasets: The dataset specs per-dataset pools are made for (default: ``include/datasets/``).
+    """
+    if datasets is None:
+        from tasks.dataset_spec import available_datasets
+
+        datasets = available_datasets()
     connections = {}
     for item in settings["connections"]:
         extra = item.get("conn_extra")
@@ -71,14 +83,15 @@ def import_files(settings: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict
         }
         connections[item["conn_id"]] = {key: value for key, value in fields.items() if value not in (None, "")}
     variables = {item["variable_name"]: item["variable_value"] for item in settings["variables"]}
-    pools = {
-        item["pool_name"]: {
-            "slots": int(item["pool_slot"]),
-            "description": item.get("pool_description") or "",
-            "include_deferred": False,
-        }
-        for item in settings["pools"]
-    }
+    pools = {}
+    for item in settings["pools"]:
+        # ``training_{dataset}``: one pool per dataset, ``{dataset}`` filled in its name and description.
+        each = datasets if "{dataset}" in item["pool_name"] else [None]
+        for dataset in each:
+            name, description = item["pool_name"], item.get("pool_description") or ""
+            if dataset is not None:
+                name, description = name.replace("{dataset}", dataset), description.replace("{dataset}", dataset)
+            pools[name] = {"slots": int(item["pool_slot"]), "description": description, "include_deferred": False}
     return {"connections": connections, "variables": variables, "pools": pools}
 
 

@@ -23,6 +23,8 @@ DEPLOY_DAG_ID = "network_security_deploy"
 DRIFT_DAG_ID = "network_security_drift"
 AWS_CONN_ID = "aws_default"
 ENV_PREFIX = "NS_"
+# The dataset whose training DAG keeps the historical id (tests, `make run`, the UI's bookmarks).
+DEFAULT_DATASET = "network_security"
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Settings:
             the API key as password).
     """
 
-    dataset: str = "network_security"
+    dataset: str = DEFAULT_DATASET
     raw_bucket: str = "network-security-raw"
     lake_bucket: str = "network-security-lake"
     aws_conn_id: str = AWS_CONN_ID
@@ -137,3 +139,27 @@ def dag_schedule(dag_id: str, default: str, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     value = environ.get(f"{ENV_PREFIX}SCHEDULE_{dag_id.upper()}", default).strip()
     return None if value.lower() in ("", "none", "null") else value
+
+
+def training_dag_id(dataset: str) -> str:
+    """The training DAG of one dataset: ``network_security_training`` for the default, else ``<dataset>_training``.
+
+    One DAG per dataset (generated from ``include/datasets/`` at parse time), so ``max_active_runs``,
+    the retrain storm guard's active-run count and the UI's run list all hold per dataset.
+    """
+    return TRAINING_DAG_ID if dataset == DEFAULT_DATASET else f"{dataset}_training"
+
+
+def training_pool(dataset: str) -> str:
+    """The pool of one dataset's training tasks (``training_<dataset>``): one dataset's retrain never waits on another's.
+
+    ``scripts.airflow_settings`` creates one per spec under ``include/datasets/`` from the
+    ``training_{dataset}`` entry of ``airflow_settings.yaml``.
+    """
+    return f"training_{dataset}"
+
+
+def model_name_for(settings: Settings, dataset: str) -> str:
+    """The registered model of ``dataset``: the ``model_name`` setting names the settings' own dataset's model
+    (a renamed model for the default dataset, or a test's own); every other dataset's model is its name."""
+    return settings.model_name if settings.model_name and dataset == settings.dataset else dataset

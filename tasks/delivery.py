@@ -80,7 +80,7 @@ def publish(
     """The release's serving image in ECR (scan on push, immutable tag = the model version)."""
     return deploy.publish_image(
         ecr,
-        deploy.load_deploy_config().ecr,
+        deploy.load_deploy_config().for_model(release["model_name"]).ecr,  # the model's own repository
         model_name=release["model_name"],
         model_version=release["model_version"],
         labels={"network-security.mlflow-run-id": release["run_id"], "network-security.git-sha": release["git_sha"]},
@@ -91,12 +91,14 @@ def publish(
 def fleet(plan: RunPlan, ec2: Any, ssm: Any, region: str, release: Mapping[str, Any], image: Mapping[str, Any]) -> dict:
     """The tagged serving instances (one launched with user-data if none runs) and the rollout commands."""
     require_target(plan, "ec2")
-    config = deploy.load_deploy_config().ec2
+    config = deploy.load_deploy_config().for_model(release["model_name"]).ec2  # the model's own fleet tags
+    environment = {
+        "MODEL_NAME": release["model_name"],
+        "DATASET": plan.dataset,
+        "PREDICTION_LOG_BUCKET": plan.settings.lake_bucket,
+    }
     script = deploy.user_data(
-        config,
-        region=region,
-        tracking_uri=plan.settings.mlflow_tracking_uri,
-        environment={"MODEL_NAME": release["model_name"], "PREDICTION_LOG_BUCKET": plan.settings.lake_bucket},
+        config, region=region, tracking_uri=plan.settings.mlflow_tracking_uri, environment=environment
     )
     instances = deploy.ensure_instances(ec2, ssm, config, script)
     commands = deploy.rollout_commands(
@@ -143,10 +145,14 @@ def model_server(
 
 
 def serve_local(plan: RunPlan, server: LocalServer) -> dict[str, Any]:
-    """Start the local model server if needed and make it serve the champion (in-process swap)."""
+    """Start the local model server if needed and make it serve this model's champion (in-process swap).
+
+    The one local server serves every dataset's model: this adds the plan's model if it is new and
+    reloads that model alone, so the other models' answers and versions stay as they were.
+    """
     require_target(plan, "local")
     process = server.ensure_started()
-    reload = server.reload()
+    reload = server.serve(plan.model_name, plan.dataset)
     log.info(
         "local model server %s at %s: v%s -> v%s", process, server.url, reload["old_version"], reload["new_version"]
     )
@@ -180,6 +186,7 @@ def smoke(plan: RunPlan, s3: Any, release: Mapping[str, Any], local: Mapping[str
         expected_version=release["model_version"],
         min_accuracy=minimum,
         timeout=config.timeout_seconds,
+        model_name=release["model_name"],
     )
 
 
@@ -283,15 +290,15 @@ def roll_back(
     local_running = server is not None and server.pid() is not None
     for target in rollback_targets(plan.deploy_targets, fleet, local_running):
         if target == "ec2":
+            config = deploy.load_deploy_config().for_model(release["model_name"]).ec2
             commands = deploy.rollout_commands(
-                image_uri="", model_version=restored, region=region, config=deploy.load_deploy_config().ec2,
-                action="rollback",
-            )  # fmt: skip
+                image_uri="", model_version=restored, region=region, config=config, action="rollback"
+            )
             sent = deploy.send_commands(ssm, fleet["instance_ids"], commands, comment=f"roll back to v{restored}")
             detail = f"SSM command {sent}: nginx back to the previous slot"
             rows.append(row("ec2", "rolled_back", detail, restored, instance_ids=fleet["instance_ids"]))
         else:
-            reload = server.reload()
+            reload = server.reload(release["model_name"])  # that model only
             detail = f"reloaded v{reload['old_version']} -> v{reload['new_version']}"
             rows.append(row("local", "rolled_back", detail, restored, endpoint=server.url))
     monitoring_store.write(store, "deployment_log", rows)

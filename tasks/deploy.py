@@ -12,6 +12,7 @@ engine answers, it builds ``serving/Dockerfile`` and pushes it with ECR credenti
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -92,9 +93,47 @@ class SmokeConfig:
 
 @dataclass(frozen=True)
 class DeployConfig:
+    """``include/deploy.yaml``. ``models``: per registered model, overrides of the ``ecr`` and ``ec2`` sections.
+
+    The ECR repository and the fleet tags may hold ``{model}`` (the model's name as in an image
+    tag: ``network_security`` → ``network-security``); :meth:`for_model` fills it in and applies
+    the model's overrides, so every model has its own repository and fleet unless told otherwise.
+    """
+
     ecr: EcrConfig = field(default_factory=EcrConfig)
     ec2: Ec2Config = field(default_factory=Ec2Config)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
+    models: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def for_model(self, model_name: str) -> DeployConfig:
+        """The configuration one model ships with: its overrides applied, ``{model}`` filled in.
+
+        Raises:
+            ValueError: An override of an unknown key, or a value of the wrong type.
+        """
+        slug = model_slug(model_name)
+        overrides = self.models.get(model_name, {})
+        ecr = dataclasses.replace(self.ecr, **overrides.get("ecr", {}))
+        ec2 = dataclasses.replace(self.ec2, **_ec2_values(overrides.get("ec2", {})))
+        ecr = dataclasses.replace(ecr, repository=ecr.repository.replace("{model}", slug))
+        tags = {key: value.replace("{model}", slug) for key, value in ec2.tags.items()}
+        return dataclasses.replace(self, ecr=ecr, ec2=dataclasses.replace(ec2, tags=tags), models={})
+
+
+def model_slug(model_name: str) -> str:
+    """A model name as ECR repositories and image tags spell it (``network_security`` → ``network-security``)."""
+    return model_name.replace("_", "-").lower()
+
+
+def _ec2_values(ec2: dict[str, Any]) -> dict[str, Any]:
+    ec2 = dict(ec2)
+    if "slot_ports" in ec2:
+        ec2["slot_ports"] = tuple(int(port) for port in ec2["slot_ports"])
+    if "tags" in ec2:
+        if not isinstance(ec2["tags"], dict) or not ec2["tags"]:
+            raise ValueError(f"ec2.tags must be a non-empty mapping of tag names to values, got {ec2['tags']!r}")
+        ec2["tags"] = {str(k): str(v) for k, v in ec2["tags"].items()}
+    return ec2
 
 
 def load_deploy_config(path: Path = DEPLOY_CONFIG) -> DeployConfig:
@@ -102,22 +141,24 @@ def load_deploy_config(path: Path = DEPLOY_CONFIG) -> DeployConfig:
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping with sections ecr, ec2, smoke; got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"ecr", "ec2", "smoke"})
+    unknown = sorted(set(raw) - {"ecr", "ec2", "smoke", "models"})
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; known: ecr, ec2, smoke")
+        raise ValueError(f"{path}: unknown section(s) {unknown}; known: ecr, ec2, smoke, models")
     try:
-        ec2 = dict(raw.get("ec2") or {})
-        if "slot_ports" in ec2:
-            ec2["slot_ports"] = tuple(int(port) for port in ec2["slot_ports"])
-        if "tags" in ec2:
-            if not isinstance(ec2["tags"], dict) or not ec2["tags"]:
-                raise ValueError(f"ec2.tags must be a non-empty mapping of tag names to values, got {ec2['tags']!r}")
-            ec2["tags"] = {str(k): str(v) for k, v in ec2["tags"].items()}
-        return DeployConfig(
+        models = dict(raw.get("models") or {})
+        for name, sections in models.items():
+            extra = sorted(set(sections or {}) - {"ecr", "ec2"})
+            if not isinstance(sections, dict) or extra:
+                raise ValueError(f"models.{name} overrides the ecr and ec2 sections only, got {sections!r}")
+        config = DeployConfig(
             ecr=EcrConfig(**(raw.get("ecr") or {})),
-            ec2=Ec2Config(**ec2),
+            ec2=Ec2Config(**_ec2_values(raw.get("ec2") or {})),
             smoke=SmokeConfig(**(raw.get("smoke") or {})),
+            models={name: dict(sections) for name, sections in models.items()},
         )
+        for name in models:
+            config.for_model(name)  # a bad override fails here, naming the file, not at some deploy
+        return config
     except (TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: {err}") from err
 
@@ -133,7 +174,7 @@ def parse_targets(value: str) -> tuple[str, ...]:
 
 def release_tag(model_name: str, version: str) -> str:
     """The image tag of a release: ``<model>-v<version>`` (immutable: one tag, one model version)."""
-    return f"{model_name.replace('_', '-').lower()}-v{version}"
+    return f"{model_slug(model_name)}-v{version}"
 
 
 # --- ECR ------------------------------------------------------------------------------
@@ -141,6 +182,8 @@ def release_tag(model_name: str, version: str) -> str:
 
 def ensure_repository(ecr: Any, config: EcrConfig) -> dict[str, Any]:
     """Create the repository (scan on push, tag mutability as configured) or align an existing one."""
+    if "{" in config.repository:
+        raise ValueError(f"ECR repository {config.repository!r} is a template: use DeployConfig.for_model(model_name)")
     try:
         repository = ecr.create_repository(
             repositoryName=config.repository,
@@ -448,12 +491,14 @@ def smoke_test(
     expected_version: str,
     min_accuracy: float,
     timeout: float = 60.0,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """Send labelled records to a freshly deployed server and check it is the new champion.
 
     Checks: ``/ready`` answers within ``timeout``; ``/model`` and every prediction report
     ``expected_version``; single and batch predictions agree; accuracy on the sample is
-    at least ``min_accuracy``.
+    at least ``min_accuracy``. With ``model_name``, that model's own routes
+    (``/models/{name}``, ``/models/{name}/predict``, ``.../predict/batch``) on a server of several.
 
     Returns:
         What was measured (records, accuracy, served version, latency).
@@ -464,6 +509,7 @@ def smoke_test(
     import httpx
 
     headers = {"X-API-Key": api_key}
+    info, predict = (f"/models/{model_name}", f"/models/{model_name}/predict") if model_name else ("/model", "/predict")
     with httpx.Client(base_url=base_url, headers=headers, timeout=30.0) as client:
         deadline = time.monotonic() + timeout
         while True:
@@ -475,21 +521,21 @@ def smoke_test(
             if time.monotonic() > deadline:
                 raise SmokeTestFailed(f"{base_url}/ready did not answer 200 within {timeout:.0f} s")
             time.sleep(0.5)
-        served = client.get("/model")
+        served = client.get(info)
         if served.status_code != 200 or _json(served).get("model_version") != expected_version:
             raise SmokeTestFailed(
-                f"{base_url}/model answered {served.status_code} {served.text[:200]}; expected v{expected_version}"
+                f"{base_url}{info} answered {served.status_code} {served.text[:200]}; expected v{expected_version}"
             )
         started = time.perf_counter()
-        single = client.post("/predict", json=records[0])
-        batch = client.post("/predict/batch", json={"records": records})
+        single = client.post(predict, json=records[0])
+        batch = client.post(f"{predict}/batch", json={"records": records})
         elapsed = time.perf_counter() - started
-    for name, response in (("/predict", single), ("/predict/batch", batch)):
+    for name, response in ((predict, single), (f"{predict}/batch", batch)):
         if response.status_code != 200:
             raise SmokeTestFailed(f"{base_url}{name} answered {response.status_code}: {response.text[:300]}")
     predictions = _json(batch).get("predictions") or []
     if len(predictions) != len(labels):
-        raise SmokeTestFailed(f"/predict/batch answered {len(predictions)} predictions for {len(labels)} records")
+        raise SmokeTestFailed(f"{predict}/batch answered {len(predictions)} predictions for {len(labels)} records")
     versions = {p["model_version"] for p in predictions} | {single.json()["model_version"]}
     if versions != {expected_version}:
         raise SmokeTestFailed(f"predictions came from version(s) {sorted(versions)}, expected v{expected_version}")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import yaml
 
 from tasks import monitoring_store, retrain, storage
+from tasks.config import training_dag_id
 from tasks.dataset_spec import PROJECT_ROOT, DatasetSpec
 
 if TYPE_CHECKING:
@@ -92,19 +93,37 @@ class DriftConfig:
         return DriftConfig(**values)
 
 
-def load_drift_config(path: Path = DRIFT_CONFIG) -> DriftConfig:
-    """Read ``include/drift.yaml``; unknown keys or bad values fail naming the file."""
+def load_drift_config(path: Path = DRIFT_CONFIG, dataset: str | None = None) -> DriftConfig:
+    """Read ``include/drift.yaml``; unknown keys or bad values fail naming the file.
+
+    The file's top-level keys hold for every dataset; its ``datasets:`` section overrides them
+    per dataset (``datasets: {intrusion_flows: {psi_threshold: 0.2}}``), so each monitored
+    dataset has its own thresholds and cooldown.
+
+    Args:
+        path: The configuration file.
+        dataset: The dataset whose overrides apply (None: the common values only).
+    """
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    per_dataset = raw.pop("datasets", None) or {}
+    if not isinstance(per_dataset, dict) or not all(isinstance(v, dict) for v in per_dataset.values()):
+        raise ValueError(
+            f"{path}: 'datasets' maps dataset names to overrides, e.g. {{intrusion_flows: {{min_rows: 200}}}}"
+        )
     known = set(DriftConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    for where, values in [("", raw), *((f"datasets.{name}: ", v) for name, v in per_dataset.items())]:
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: {where}unknown key(s) {unknown}; known: {sorted(known)}")
     try:
-        return DriftConfig(**raw)
+        config = DriftConfig(**raw)
+        # Every dataset's overrides are checked, not only the one asked for: a typo fails every check.
+        overridden = {name: config.replace(**values) for name, values in per_dataset.items()}
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {err}") from err
+    return overridden.get(dataset, config) if dataset is not None else config
 
 
 # --- the current window ------------------------------------------------------------------
@@ -609,3 +628,13 @@ def decide_retraining(
     record_check(store, plan, dag_run_id, summary, decision)
     log.info("drift decision: %s (%s)", decision.outcome, decision.reason)
     return decision
+
+
+def decision_xcom(plan: CheckPlan, decision: retrain.Decision) -> dict[str, Any]:
+    """The decision as the DAG hands it on: plus the dataset, its model and the training DAG a retrain goes to."""
+    return {
+        **decision.as_dict(),
+        "dataset": plan.dataset,
+        "model_name": plan.model_name,
+        "training_dag_id": training_dag_id(plan.dataset),
+    }

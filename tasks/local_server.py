@@ -2,10 +2,12 @@
 
 Embedded mode's stand-in for the EC2 host. The process outlives the task that started it
 (a session of its own, a pid file and a log under ``<NS_STATE_DIR>/serving``, run by the
-project's one supervisor, ``tasks.supervisor``) and follows the registry alias ``champion``;
-a release asks it to reload (``POST /admin/reload``), which swaps the model in-process
-without dropping a request, and the old version stays in the registry as
-``previous_champion`` for rollback.
+project's one supervisor, ``tasks.supervisor``) and follows the registry alias ``champion``
+of every model it serves. One server serves every dataset's model: a release of model B adds
+B if needed (``PUT /admin/models/B``) and reloads B alone (``POST /admin/models/B/reload``),
+which swaps it in-process without dropping a request and leaves every other model as it was;
+the old version stays in the registry as ``previous_champion`` for rollback. The model that
+started the server is also its default (``/predict``, ``/model``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 # The serving app waits up to 20 s for S3 when it closes (PREDICTION_LOG_CLOSE_TIMEOUT_SECONDS) and 5 s for
 # shadow scoring: a stop gives it more (as compose's stop_grace_period does).
 STOP_TIMEOUT_SECONDS = 40.0
+# Which models a server serves is the admin API's business (PUT /admin/models/{name}), not a
+# restart's: these variables are left out of the fingerprint, so deploying model B never
+# restarts (and never drops) model A.
+MODEL_SELECTION = ("MODEL_NAME", "DATASET", "MODELS")
 # boto3 keyword arguments (what the AWS connection yields) -> the environment the server's boto3 reads.
 AWS_ENVIRONMENT = {
     "aws_access_key_id": "AWS_ACCESS_KEY_ID",
@@ -128,8 +134,9 @@ class LocalServer:
 
     @property
     def fingerprint(self) -> str:
-        """Digest of the environment: a running server started with another one is restarted."""
-        text = json.dumps(self.environment, sort_keys=True)
+        """Digest of the environment but the model selection: a running server started with another one is restarted."""
+        kept = {key: value for key, value in self.environment.items() if key not in MODEL_SELECTION}
+        text = json.dumps(kept, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def pid(self) -> int | None:
@@ -175,29 +182,59 @@ class LocalServer:
         except OSError:
             return None
 
-    def reload(self, timeout: float = 300.0) -> dict[str, Any]:
-        """Ask the server to follow its alias now; returns ``old_version``, ``new_version``, ``reloaded``.
-
-        Sent with the admin key of the server's environment. A 409 (a load is already running:
-        the start-up load, or another reload) is waited out, as its ``Retry-After`` asks.
-        """
+    def _admin(
+        self, method: str, path: str, timeout: float, body: dict[str, Any] | None = None, key: str = "ADMIN_API_KEY"
+    ) -> Any:
+        """One call with the server's admin key (or ``key``); a busy 409 (``Retry-After``: a load is running) is waited out."""
         import time
 
         import httpx
 
-        headers = {"X-API-Key": self.environment.get("ADMIN_API_KEY", "")}
+        headers = {"X-API-Key": self.environment.get(key, "")}
         deadline = time.monotonic() + timeout
         while True:
             try:
-                response = httpx.post(f"{self.url}/admin/reload", headers=headers, timeout=timeout)
+                response = httpx.request(method, f"{self.url}{path}", headers=headers, json=body, timeout=timeout)
             except httpx.HTTPError as err:
-                raise LocalServerError(f"cannot reach {self.url}/admin/reload: {err}") from err
-            if response.status_code != 409 or time.monotonic() > deadline:
+                raise LocalServerError(f"cannot reach {self.url}{path}: {err}") from err
+            busy = response.status_code == 409 and "Retry-After" in response.headers
+            if not busy or time.monotonic() > deadline:
                 break
             time.sleep(float(response.headers.get("Retry-After", 1)))
-        if response.status_code != 200:
-            raise LocalServerError(f"{self.url}/admin/reload answered {response.status_code}: {response.text[:300]}")
+        if response.status_code not in (200, 201):
+            raise LocalServerError(f"{method} {self.url}{path} answered {response.status_code}: {response.text[:300]}")
         return response.json()
+
+    def reload(self, model_name: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
+        """Ask the server to follow the alias of ``model_name`` (None: its default model) now.
+
+        Returns:
+            ``old_version``, ``new_version``, ``reloaded``. Only that model changes.
+        """
+        path = f"/admin/models/{model_name}/reload" if model_name else "/admin/reload"
+        return self._admin("POST", path, timeout)
+
+    def serve(self, model_name: str, dataset: str, timeout: float = 300.0) -> dict[str, Any]:
+        """Serve ``model_name`` (requests of ``dataset``) at its champion, beside whatever else the server serves.
+
+        Adds the model when the server does not serve it yet (``PUT /admin/models/{name}``), then
+        reloads that model alone (a load still running is waited out); the others are not touched.
+
+        Returns:
+            The reload's ``old_version``, ``new_version``, ``reloaded`` of that model.
+
+        Raises:
+            LocalServerError: The server refused (e.g. it serves that name for another dataset).
+        """
+        served = {m["model_name"]: m for m in self._admin("GET", "/models", timeout, key="API_KEY")["models"]}
+        if model_name not in served:
+            self._admin("PUT", f"/admin/models/{model_name}", timeout, {"dataset": dataset})
+        elif served[model_name]["dataset"] != dataset:
+            raise LocalServerError(
+                f"{self.url} serves {model_name} for dataset {served[model_name]['dataset']}, not {dataset}: "
+                "a registered model serves one dataset; give the other one its own model name"
+            )
+        return self.reload(model_name, timeout)
 
     def stop(self) -> str:
         """SIGTERM (the server flushes its prediction log), SIGKILL after ``STOP_TIMEOUT_SECONDS``."""

@@ -134,6 +134,7 @@ def keep_champion(plan: RunPlan, store: Store, evaluation: Mapping[str, Any], da
 def champion_event(plan: RunPlan, promoted: Mapping[str, Any], evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """The champion asset event's details (one per promotion)."""
     return {
+        "dataset": plan.dataset,
         "model_name": plan.model_name,
         "version": promoted["champion_version"],
         "previous_version": promoted.get("previous_champion_version"),

@@ -19,12 +19,13 @@ import dataclasses
 import datetime as dt
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.config import Settings
+from tasks.config import Settings, model_name_for
 from tasks.dataset_spec import DatasetSpec, load_spec
+from tasks.datasets import NothingMonitored, monitored_datasets
 from tasks.deploy import parse_targets
 from tasks.drift import DriftConfig, window
 from tasks.layout import DayLayout, check_ds
@@ -184,6 +185,7 @@ def plan_run(
             reason or is not promote/reject, or ``window_days`` is not a positive whole number.
     """
     params = dict(params or {})
+    model_name = model_name_for(settings, params.get("dataset") or settings.dataset)
     settings = _dataset(settings, params, known_datasets)
     try:
         day = check_ds(params.get("ds") or ds)
@@ -204,7 +206,7 @@ def plan_run(
     plan = RunPlan(
         dataset=settings.dataset,
         ds=day,
-        model_name=settings.model_name or settings.dataset,
+        model_name=model_name,
         settings=settings,
         window_days=window_days,
         trigger=trigger,
@@ -302,6 +304,7 @@ def plan_check(
         PlanError: An unknown dataset or an invalid override (a non-positive threshold, ...).
     """
     params = dict(params or {})
+    model_name = model_name_for(settings, params.get("dataset") or settings.dataset)
     settings = _dataset(settings, params, known_datasets)
     try:
         config = config.replace(**{key: params.get(key) for key in CHECK_OVERRIDES})
@@ -311,7 +314,7 @@ def plan_check(
     span = window(window_end, config.window_hours)
     plan = CheckPlan(
         dataset=spec.name,
-        model_name=settings.model_name or spec.name,
+        model_name=model_name,
         raw_prefix=spec.raw_prefix,
         settings=settings,
         config=config,
@@ -322,3 +325,35 @@ def plan_check(
     )
     log.info("drift check plan: %s", {k: v for k, v in plan.to_xcom().items() if k != "partitions"})
     return plan
+
+
+def plan_checks(
+    settings: Settings,
+    params: Mapping[str, Any] | None,
+    window_end: dt.datetime,
+    run_type: Any,
+    known_datasets: Sequence[str],
+    config_for: Callable[..., DriftConfig],
+    has_champion: Callable[[str], bool],
+) -> list[CheckPlan]:
+    """One drift check per monitored dataset (``tasks.datasets.monitored_datasets``), each with its own config.
+
+    Args:
+        config_for: The drift configuration of a dataset, ``config_for(dataset=name)``
+            (``tasks.drift.load_drift_config``: ``include/drift.yaml`` with its overrides).
+        has_champion: Whether a registered model has a champion.
+
+    Raises:
+        PlanError: An unknown dataset, an invalid override, or no dataset with a champion.
+    """
+    params = dict(params or {})
+    try:
+        datasets = monitored_datasets(settings, known_datasets, has_champion, params.get("dataset"))
+    except (NothingMonitored, ValueError) as err:
+        raise PlanError(str(err)) from None
+    return [
+        plan_check(
+            settings, {**params, "dataset": name}, window_end, run_type, known_datasets, config_for(dataset=name)
+        )
+        for name in datasets
+    ]

@@ -18,7 +18,11 @@ from scripts import dag_runner
 
 @dataclass
 class TestRun(dag_runner.RunReport):
-    """A finished run with every task's state and every XCom (``task_id`` or ``task_id:key``)."""
+    """A finished run with every task's state and every XCom (``task_id`` or ``task_id:key``).
+
+    A mapped task instance is keyed ``task_id[label]``, the label being its rendered map index (the
+    drift DAG's dataset) or, for one that did not run, that of another task at the same index.
+    """
 
     outputs: dict[str, Any] = field(default_factory=dict)
 
@@ -35,10 +39,20 @@ def run_dag(
     order = [t.task_id for t in dag_runner.load_dag(dag_id).topological_sort()]
     with create_session() as session:
         dag_run = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == report.run_id).one()
-        states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances(session=session)}
-        run.task_states = {task_id: states[task_id] for task_id in order if task_id in states}
+        instances = dag_run.get_task_instances(session=session)
+        labels = {
+            ti.map_index: ti.rendered_map_index for ti in instances if ti.map_index >= 0 and ti.rendered_map_index
+        }
+
+        def named(task_id: str, map_index: int) -> str:
+            return task_id if map_index < 0 else f"{task_id}[{labels.get(map_index, map_index)}]"
+
+        states = {named(ti.task_id, ti.map_index): str(ti.state) for ti in instances}
+        ranks = {task_id: rank for rank, task_id in enumerate(order)}
+        run.task_states = dict(sorted(states.items(), key=lambda item: (ranks.get(item[0].split("[")[0], 0), item[0])))
         for row in session.scalars(XComModel.get_many(run_id=report.run_id, dag_ids=dag_id)).all():
-            name = row.task_id if row.key == "return_value" else f"{row.task_id}:{row.key}"
+            name = named(row.task_id, row.map_index)
+            name = name if row.key == "return_value" else f"{name}:{row.key}"
             run.outputs[name] = XComModel.deserialize_value(row)
     return run
 

@@ -58,11 +58,15 @@ def failure_payload(context: dict[str, Any]) -> dict[str, Any]:
     ti = context["ti"]
     error = context.get("exception")
     reason = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
+    mapped = getattr(ti, "map_index", -1)  # a mapped task says which one (its dataset, as the DAG labels it)
+    label = getattr(ti, "rendered_map_index", None) or (str(mapped) if mapped not in (-1, None) else "")
+    where = f"{ti.dag_id}.{ti.task_id}" + (f" [{label}]" if label else "")
     return {
         "event": "task_failed",
-        "text": f":red_circle: {ti.dag_id}.{ti.task_id} failed in {ti.run_id} (try {ti.try_number}): {reason}"[:3000],
+        "text": f":red_circle: {where} failed in {ti.run_id} (try {ti.try_number}): {reason}"[:3000],
         "dag_id": ti.dag_id,
         "task_id": ti.task_id,
+        "map_index": label or None,
         "run_id": ti.run_id,
         "try_number": ti.try_number,
         "error": reason[:2000],
@@ -78,20 +82,22 @@ def on_task_failure(context: dict[str, Any]) -> None:
 def on_retraining_triggered(context: dict[str, Any]) -> None:
     """``on_success_callback`` of the drift DAG's ``trigger_retraining``: drift worth a retrain."""
     ti = context["ti"]
-    decision = ti.xcom_pull(task_ids="decide_retraining", key="decision") or {}
-    summary = ti.xcom_pull(task_ids="check_drift") or {}
+    decision = ti.xcom_pull(task_ids="decide_retraining", key="decision", map_indexes=ti.map_index) or {}
+    summary = ti.xcom_pull(task_ids="check_drift", map_indexes=ti.map_index) or {}
     retrain = decision.get("retrain") or {}
     conf = retrain.get("conf") or {}
     send(
         {
             "event": "drift_retraining_triggered",
             "text": (
-                f":warning: drift on {summary.get('champion', {}).get('model_name')} "
-                f"v{summary.get('champion', {}).get('model_version')}: {conf.get('reason')}; "
-                f"training run {retrain.get('run_id')} triggered"
+                f":warning: drift on {conf.get('dataset')} ({summary.get('champion', {}).get('model_name')} "
+                f"v{summary.get('champion', {}).get('model_version')}): {conf.get('reason')}; "
+                f"training run {retrain.get('run_id')} of {decision.get('training_dag_id')} triggered"
             ),
             "dag_id": ti.dag_id,
             "run_id": ti.run_id,
+            "dataset": conf.get("dataset"),
+            "training_dag_id": decision.get("training_dag_id"),
             "training_run_id": retrain.get("run_id"),
             "max_psi": summary.get("max_psi"),
             "prediction_psi": summary.get("prediction_psi"),

@@ -29,20 +29,32 @@ def default_args(execution_timeout: timedelta) -> dict[str, Any]:
     }
 
 
-def from_plan(*path: str, plan_task_id: str = "plan_run") -> str:
+def from_plan(*path: str | int, plan_task_id: str = "plan_run") -> str:
     """A template of one value of the plan in XCom, e.g. ``from_plan("settings", "aws_conn_id")``."""
     keys = "".join(f"[{key!r}]" for key in path)
     return f"{{{{ ti.xcom_pull(task_ids={plan_task_id!r}){keys} }}}}"
 
 
-def ensure_monitoring_store(plan_task_id: str = "plan_run") -> Any:
-    """``SQLExecuteQueryOperator`` creating the monitoring store's tables if missing, on the plan's connection."""
+def ensure_monitoring_store(plan_task_id: str = "plan_run", *within: str | int) -> Any:
+    """``SQLExecuteQueryOperator`` creating the monitoring tables if missing, on the plan's connection
+    (``within``: where ``settings`` sits in that XCom, e.g. ``0``: the first of a list of plans)."""
     from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 
     return SQLExecuteQueryOperator(
         task_id="ensure_monitoring_store",
         doc_md="Creates the promotion, deployment, drift-check and retrain logs of the monitoring store if missing.",
-        conn_id=from_plan("settings", "monitoring_conn_id", plan_task_id=plan_task_id),
+        conn_id=from_plan(*within, "settings", "monitoring_conn_id", plan_task_id=plan_task_id),
         sql="sql/monitoring_store.sql",
         split_statements=True,
     )
+
+
+# One mapped task group per dataset (drift, quality): each task labels its map index with the dataset.
+MAP_INDEX_TEMPLATE = "{{ dataset }}"
+
+
+def label_map_index(dataset: str) -> None:
+    """Name this mapped task instance after its dataset in the grid (``map_index_template=MAP_INDEX_TEMPLATE``)."""
+    from airflow.sdk import get_current_context
+
+    get_current_context()["dataset"] = dataset  # type: ignore[index]

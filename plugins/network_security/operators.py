@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from great_expectations_provider.common.errors import GXValidationFailed
 from great_expectations_provider.operators.validate_batch import GXValidateBatchOperator
 
 from network_security import runtime
+from network_security.dag_parts import MAP_INDEX_TEMPLATE, label_map_index
 from network_security.links import ValidationResultLink
 
 if TYPE_CHECKING:
@@ -67,3 +69,34 @@ class SnapshotValidationOperator(GXValidateBatchOperator):
             reasons = "; ".join(describe_failures(result)) or str(failure)
             runtime.reject(plan, f"{reasons} (full result: {result_uri})", "validate")
         return write_validation_result(runtime.s3(plan), plan.layout, context["ti"].xcom_pull(task_ids=self.task_id))
+
+
+class RetrainTrigger(TriggerDagRunOperator):
+    """The training run this map index's decision (``tasks.drift.decision_xcom``) asks for, on the dataset's DAG;
+    skipped with the reason otherwise. It skips itself: a branch in a mapped task group does not skip the
+    other branch's task instance in Airflow 3.3.2 (it runs anyway)."""
+
+    def __init__(self, *, decide_task_id: str = "decide_retraining", **kwargs: Any) -> None:
+        super().__init__(
+            trigger_dag_id=f"{{{{ ti.xcom_pull(task_ids={decide_task_id!r}, key='decision', map_indexes=ti.map_index)"
+            "['training_dag_id'] }}",
+            skip_when_already_exists=True,
+            wait_for_completion=False,
+            map_index_template=MAP_INDEX_TEMPLATE,
+            **kwargs,
+        )
+        self.decide_task_id = decide_task_id
+
+    def execute(self, context: Context) -> Any:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        ti = context["ti"]
+        decision = ti.xcom_pull(task_ids=self.decide_task_id, key="decision", map_indexes=ti.map_index)
+        label_map_index(decision["dataset"])
+        if not decision["trigger"]:
+            raise AirflowSkipException(
+                f"{decision['dataset']}: no retraining ({decision['outcome']}: {decision['reason']})"
+            )
+        self.trigger_dag_id = decision["training_dag_id"]
+        self.trigger_run_id, self.conf = decision["retrain"]["run_id"], decision["retrain"]["conf"]
+        return super().execute(context)

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn
 
-from tasks.config import SETTINGS_VARIABLE, TRAINING_DAG_ID, Settings
+from tasks.config import SETTINGS_VARIABLE, Settings, training_dag_id
 from tasks.plan import CheckPlan, RunPlan
 
 
@@ -31,6 +31,22 @@ def plan(build: Callable[..., RunPlan | CheckPlan], *args: Any, **kwargs: Any) -
 
     with failures():
         return build(settings(), *args, known_datasets=available_datasets(), **kwargs).to_xcom()
+
+
+def check_plans(params: Mapping[str, Any] | None, window_end: Any, run_type: Any) -> list[dict[str, Any]]:
+    """``tasks.plan.plan_checks``: one check per onboarded dataset with a champion, each with its drift config."""
+    from tasks.dataset_spec import available_datasets
+    from tasks.datasets import champion_lookup
+    from tasks.drift import load_drift_config
+    from tasks.plan import plan_checks
+
+    with failures():
+        current = settings()
+        has_champion = champion_lookup(current.mlflow_tracking_uri)
+        checks = plan_checks(
+            current, params, window_end, run_type, available_datasets(), load_drift_config, has_champion
+        )
+        return [check.to_xcom() for check in checks]
 
 
 def run_plan(values: Mapping[str, Any]) -> RunPlan:
@@ -116,9 +132,9 @@ def store(plan: RunPlan | CheckPlan) -> HookStore:
     return HookStore(connection(plan.settings.monitoring_conn_id).get_hook())
 
 
-def active_training_runs(ti: Any) -> int:
-    """Queued or running runs of the training DAG (through the Task SDK: no DB access from tasks)."""
-    return ti.get_dr_count(dag_id=TRAINING_DAG_ID, states=["queued", "running"])
+def active_training_runs(ti: Any, dataset: str) -> int:
+    """Queued or running runs of ``dataset``'s own training DAG (through the Task SDK: no DB access from tasks)."""
+    return ti.get_dr_count(dag_id=training_dag_id(dataset), states=["queued", "running"])
 
 
 def reject(plan: RunPlan, reason: str, stage: str, files: list[str] | None = None) -> NoReturn:

@@ -77,11 +77,51 @@ def test_no_import_errors(offline_dagbag):
     assert set(EXPECTED_EDGES) <= set(offline_dagbag.dag_ids)
 
 
-def test_one_dag_per_file(offline_dagbag):
-    files = [dag.fileloc for dag in offline_dagbag.dags.values()]
-    assert len(files) == len(set(files))
+def test_one_dag_per_file_and_one_training_dag_per_dataset(offline_dagbag):
+    from tasks.config import training_dag_id
+    from tasks.dataset_spec import available_datasets
+
+    training = {training_dag_id(dataset): dataset for dataset in available_datasets()}
+    assert training["network_security_training"] == "network_security"
+    assert training["intrusion_flows_training"] == "intrusion_flows"
     for dag in offline_dagbag.dags.values():
-        assert Path(dag.fileloc).stem == dag.dag_id
+        stem = Path(dag.fileloc).stem
+        assert dag.dag_id in training if stem == "network_security_training" else stem == dag.dag_id, dag.dag_id
+    assert set(training) <= set(offline_dagbag.dags)
+
+
+def test_each_training_dag_trains_its_dataset_alone_and_in_its_own_pool(offline_dagbag):
+    """max_active_runs and the pool hold per dataset: A's retrain never waits for B's."""
+    from scripts.airflow_settings import SETTINGS_FILE, import_files, load_settings
+    from tasks.config import training_dag_id
+    from tasks.dataset_spec import available_datasets
+
+    declared = import_files(load_settings(SETTINGS_FILE, {}))["pools"]
+    reference = offline_dagbag.dags["network_security_training"]
+    for dataset in available_datasets():
+        dag = offline_dagbag.dags[training_dag_id(dataset)]
+        assert dag.max_active_runs == 1
+        assert dag.params["dataset"] == dataset
+        assert dag.params.get_param("dataset").schema["enum"] == [dataset]  # another dataset's conf is refused
+        assert f"dataset:{dataset}" in dag.tags
+        assert dag.get_task("train").pool == f"training_{dataset}"
+        assert {task.pool for task in dag.tasks} <= {"default_pool", f"training_{dataset}"}
+        assert {task.pool for task in dag.tasks} <= {"default_pool", *declared}  # every pool exists once applied
+        assert set(dag.task_ids) == set(reference.task_ids)  # the same body
+    assert declared["training_intrusion_flows"]["slots"] == 1
+
+
+@pytest.mark.parametrize("dataset", ["network_security", "intrusion_flows"])
+def test_a_training_dag_refuses_another_datasets_conf(offline_dagbag, dataset):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from tasks.config import training_dag_id
+
+    param = offline_dagbag.dags[training_dag_id(dataset)].params.get_param("dataset")
+    other = "intrusion_flows" if dataset == "network_security" else "network_security"
+    assert param.resolve(dataset) == dataset
+    with pytest.raises(ParamValidationError):
+        param.resolve(other)
 
 
 @pytest.mark.parametrize("dag_id", sorted(EXPECTED_EDGES))
@@ -135,12 +175,26 @@ def test_drift_trigger_is_idempotent_and_training_runs_one_at_a_time(offline_dag
     """Storm protection that lives in the DAG definitions themselves."""
     drift = offline_dagbag.dags["network_security_drift"]
     trigger = drift.get_task("trigger_retraining")
-    assert trigger.trigger_dag_id == "network_security_training"
+    # The dataset's own training DAG, run id and conf, from this map index's decision.
+    assert type(trigger).__name__ == "RetrainTrigger" and trigger.decide_task_id == "decide_retraining"
+    value = trigger.trigger_dag_id
+    assert (
+        "task_ids='decide_retraining'" in value and "map_indexes=ti.map_index" in value and "training_dag_id" in value
+    )
     assert trigger.skip_when_already_exists is True  # a retried trigger task creates no second run
-    assert "decide_retraining" in trigger.trigger_run_id and "run_id" in trigger.trigger_run_id
     assert trigger.wait_for_completion is False
     assert offline_dagbag.dags["network_security_training"].max_active_runs == 1
     assert drift.max_active_runs == 1
+
+
+def test_the_drift_checks_are_mapped_per_dataset(offline_dagbag):
+    drift = offline_dagbag.dags["network_security_drift"]
+    group = drift.task_group_dict["per_dataset"]
+    assert type(group).__name__ == "MappedTaskGroup"
+    mapped = {"check_drift", "decide_retraining", "trigger_retraining", "no_retraining"}
+    assert {task.task_id for task in group} == mapped
+    for task_id in mapped:  # the grid names each map index after its dataset
+        assert drift.get_task(task_id).map_index_template == "{{ dataset }}"
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 MODEL = "ns_delivery_test"
 SPEC = load_spec("network_security")
 ROWS = 1500
-CONFIG = load_deploy_config()
+CONFIG = load_deploy_config().for_model(MODEL)  # its own repository and fleet
 FORCE = {"force_gate": "promote", "force_reason": "delivery test: ship a new version"}
 
 
@@ -88,7 +88,8 @@ def _deployments(local_stack) -> list[dict]:
 
 
 def _served_version(server) -> str:
-    return server.get("/model").json()["model_version"]
+    # The model's own route: the one local server serves every dataset's model side by side.
+    return server.get(f"/models/{MODEL}").json()["model_version"]
 
 
 def _sent_commands(aws, instance_id: str) -> list[str]:
@@ -142,9 +143,9 @@ def test_first_champion_is_shipped_to_ecr_ec2_and_the_local_server(first_release
     assert server.get("/health").status_code == 200
     assert _served_version(server) == version
     record = generate(SPEC, 1, seed=5).drop(columns=[SPEC.target.name]).iloc[0].to_dict()
-    answer = server.post("/predict", json={k: int(v) for k, v in record.items()})
+    answer = server.post(f"/models/{MODEL}/predict", json={k: int(v) for k, v in record.items()})
     assert answer.status_code == 200 and answer.json()["model_version"] == version
-    assert server.post("/predict", json=record, headers={"X-API-Key": "wrong"}).status_code == 403
+    assert server.post(f"/models/{MODEL}/predict", json=record, headers={"X-API-Key": "wrong"}).status_code == 403
 
     smoke = first_release.outputs["deploy.smoke_test"]
     assert smoke["model_version"] == version and smoke["accuracy"] >= CONFIG.smoke.min_accuracy

@@ -37,6 +37,7 @@ SPEC = load_spec("network_security")
 DAY = dt.datetime(2026, 9, 10, tzinfo=dt.UTC)
 WINDOW = {"window_hours": 3}
 DRIFTED = DriftKnob(feature_drift=1.0)
+NS = "[network_security]"  # the map index of this dataset's check (the DAG maps over every served dataset)
 
 
 def at(hour: int, minute: int = 0) -> dt.datetime:
@@ -70,7 +71,7 @@ def log_traffic(local_stack, version: str, hour: dt.datetime, rows: int, seed: i
 
 def check(when: dt.datetime, **params):
     report = run_dag(DRIFT_DAG_ID, when, conf={**WINDOW, **params})
-    return report, report.outputs.get("decide_retraining:decision")
+    return report, report.outputs.get(f"decide_retraining{NS}:decision")
 
 
 def drift_checks(local_stack) -> list[dict]:
@@ -97,8 +98,8 @@ def test_a_window_with_too_few_rows_is_skipped_with_the_reason(champion_v1, loca
     report, decision = check(at(3))
 
     assert report.succeeded, report.task_states
-    assert report.task_states["check_drift"] == "skipped"
-    assert decision is None and report.task_states["trigger_retraining"] == "skipped"
+    assert report.task_states[f"check_drift{NS}"] == "skipped"
+    assert decision is None and report.task_states[f"trigger_retraining{NS}"] == "skipped"
     row = drift_checks(local_stack)[-1]
     assert row["decision"] == "skipped" and row["window_end"].startswith("2026-09-10T03:00")
     assert "0 predictions of champion v1 in the window" in row["reason"]
@@ -112,8 +113,8 @@ def test_no_drift_no_trigger(champion_v1, s3, local_stack, webhook):
 
     assert report.succeeded, report.task_states
     assert decision["outcome"] == "no_drift" and not decision["trigger"]
-    assert report.task_states["trigger_retraining"] == "skipped"
-    summary = report.outputs["check_drift"]
+    assert report.task_states[f"trigger_retraining{NS}"] == "skipped"
+    summary = report.outputs[f"check_drift{NS}"]
     assert summary["rows"] == {"current": 800, "evaluated": 800, "reference": 2500}
     assert summary["max_psi"] < 0.25 and summary["champion"]["model_version"] == "1"
     for uri in (summary["report_uri"], summary["summary_uri"]):
@@ -124,8 +125,8 @@ def test_no_drift_no_trigger(champion_v1, s3, local_stack, webhook):
     # The task's extra links in the UI: the report over HTTP and the monitoring run.
     import httpx
 
-    assert report.outputs["check_drift:_link_EvidentlyReportLink"] == summary["report_url"]
-    assert report.outputs["check_drift:_link_MLflowRunLink"] == summary["mlflow_run_url"]
+    assert report.outputs[f"check_drift{NS}:_link_EvidentlyReportLink"] == summary["report_url"]
+    assert report.outputs[f"check_drift{NS}:_link_MLflowRunLink"] == summary["mlflow_run_url"]
     page = httpx.get(summary["report_url"], timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     bucket, key = summary["report_uri"].removeprefix("s3://").split("/", 1)
@@ -140,8 +141,8 @@ def test_drift_queues_exactly_one_training_run_with_its_conf(champion_v1, s3, lo
     report, decision = check(at(15))
 
     assert report.succeeded, report.task_states
-    assert decision["outcome"] == "retrain" and report.task_states["trigger_retraining"] == "success"
-    summary = report.outputs["check_drift"]
+    assert decision["outcome"] == "retrain" and report.task_states[f"trigger_retraining{NS}"] == "success"
+    summary = report.outputs[f"check_drift{NS}"]
     (run,) = training_runs_queued()
     assert run["run_id"] == "drift__network_security__2026-09-10T15:00:00"
     conf = run["conf"]
@@ -187,8 +188,8 @@ def test_the_triggered_run_retrains_and_the_new_reference_holds_with_cooldown(lo
     # but the cooldown (6 h after the 15:00 trigger) holds it back.
     log_traffic(local_stack, "2", at(16), rows=800, seed=203)
     report, decision = check(at(17))
-    assert report.outputs["check_drift"]["champion"]["model_version"] == "2"
-    assert report.outputs["check_drift"]["drift_detected"]
+    assert report.outputs[f"check_drift{NS}"]["champion"]["model_version"] == "2"
+    assert report.outputs[f"check_drift{NS}"]["drift_detected"]
     assert decision["outcome"] == "cooldown" and training_runs_queued() == []
 
     report, decision = check(at(21, 30), window_hours=8)
@@ -200,10 +201,11 @@ def test_the_triggered_run_retrains_and_the_new_reference_holds_with_cooldown(lo
 def test_missing_champion_fails_clearly_without_retries(champion_v1, local_stack, monkeypatch, capfd):
     monkeypatch.setenv("NS_MODEL_NAME", "ns_drift_never_trained")
 
-    report, decision = check(at(11))
+    report, decision = check(at(11), dataset="network_security")  # named: checked even without a champion
 
     assert report.state == "failed"
-    assert report.task_states["check_drift"] == "failed" and decision is None
+    assert [state for task, state in report.task_states.items() if task.startswith("check_drift")] == ["failed"]
+    assert decision is None
     output = capfd.readouterr()
     assert "'ns_drift_never_trained' has no champion" in output.out + output.err
     assert "Run network_security_training first" in output.out + output.err

@@ -194,14 +194,16 @@ def test_bad_drop_is_rejected_and_quarantined(s3, ds, make_files, failing_task, 
     assert words[0] in alert["error"]
 
 
-def test_second_dataset_runs_through_the_same_dag_by_configuration(s3):
+def test_second_dataset_runs_through_its_own_dag_generated_from_its_spec(s3):
+    from tasks.config import training_dag_id
+
     ds = "2026-05-01"
     layout = _layout(ds, "intrusion_flows")
     publish_drop(s3, layout, rows=600, parts=2)
 
-    report = run_dag(TRAINING_DAG_ID, ds, conf={"dataset": "intrusion_flows"})
+    report = run_dag(training_dag_id("intrusion_flows"), ds)  # the same body; its dataset is the DAG's default
 
-    assert report.succeeded, report.task_states
+    assert report.dag_id == "intrusion_flows_training" and report.succeeded, report.task_states
     assert report.outputs["plan_run"]["dataset"] == "intrusion_flows"
     assert report.outputs["ingest"]["snapshot_uri"] == layout.snapshot.uri
     train = storage.read_parquet(s3, layout.features_dir.child("train.parquet"))

@@ -44,3 +44,18 @@ def test_an_unreachable_webhook_never_fails_the_task(monkeypatch, caplog):
     alerts.on_task_failure(_context(RuntimeError("boom")))  # no exception
 
     assert "alert 'task_failed' to connection 'alerts_webhook' not delivered" in caplog.text
+
+
+def test_a_mapped_task_says_which_dataset_failed(webhook):
+    context = _context(RuntimeError("S3 down"))
+    context["ti"].task_id, context["ti"].map_index, context["ti"].rendered_map_index = (
+        "check_drift",
+        1,
+        "intrusion_flows",
+    )
+
+    alerts.on_task_failure(context)
+
+    (body,) = webhook
+    assert body["map_index"] == "intrusion_flows"
+    assert "network_security_training.check_drift [intrusion_flows] failed" in body["text"]

@@ -132,3 +132,19 @@ def test_state_dir_has_one_default_whatever_the_working_directory(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert state_dir({}) == PROJECT_ROOT / ".state"
     assert state_dir({"NS_STATE_DIR": str(tmp_path / "s")}) == tmp_path / "s"
+
+
+def test_each_dataset_has_its_training_dag_and_pool():
+    from tasks.config import training_dag_id, training_pool
+
+    assert training_dag_id("network_security") == "network_security_training"  # the historical id stays
+    assert training_dag_id("intrusion_flows") == "intrusion_flows_training"
+    assert training_pool("intrusion_flows") == "training_intrusion_flows" != training_pool("network_security")
+
+
+def test_a_model_name_setting_renames_the_settings_datasets_model_only():
+    from tasks.config import model_name_for
+
+    assert model_name_for(Settings(), "intrusion_flows") == "intrusion_flows"
+    assert model_name_for(Settings(model_name="ns_x"), "network_security") == "ns_x"
+    assert model_name_for(Settings(model_name="ns_x"), "intrusion_flows") == "intrusion_flows"

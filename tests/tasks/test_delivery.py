@@ -140,3 +140,55 @@ def test_a_smoke_test_without_its_held_out_split_says_what_to_do(buckets):
     release = {**RELEASE, "test_uri": "s3://network-security-lake/features/network_security/ds=2026-01-31/test.parquet"}
     with pytest.raises(SmokeTestFailed, match=r"held-out split of v7 .* is not in S3.*`make run`"):
         delivery.smoke(plan(), buckets, release, {"url": "http://127.0.0.1:9"}, "key")
+
+
+def test_two_models_ship_to_their_own_repository_and_fleet(store, monkeypatch, aws_isolation):
+    """EC2 path: each model's image in its own ECR repository, its rollout (and rollback) on its own tagged fleet."""
+    from tasks import deploy
+
+    monkeypatch.setattr(deploy, "docker_engine_available", lambda timeout=10.0: False)  # manifest mode
+    monkeypatch.setattr(registry, "roll_back", lambda **kwargs: {"champion_version": "1", "rolled_back_version": "2"})
+    known = ["intrusion_flows", "network_security"]
+    shipped = {}
+    sent = []  # the SendCommand requests as sent: moto 5.2.5 records every instance of the account on each
+    with mock_aws():
+        ecr, ec2, ssm = (boto3.client(name, region_name="us-east-1") for name in ("ecr", "ec2", "ssm"))
+        ssm.meta.events.register(
+            "provide-client-params.ssm.SendCommand", lambda params, **kwargs: sent.append(dict(params))
+        )
+        for dataset in known:
+            run = plan_run(Settings(deploy_targets="ec2"), {"dataset": dataset}, "2026-01-31", "manual", known)
+            release = {**RELEASE, "model_name": run.model_name, "model_version": "2"}
+            image = delivery.publish(ecr, release)
+            fleet = delivery.fleet(run, ec2, ssm, "us-east-1", release, image)
+            command = deploy.send_commands(ssm, fleet["instance_ids"], fleet["commands"], comment=f"{dataset} rollout")
+            shipped[dataset] = {"run": run, "release": release, "image": image, "fleet": fleet, "command": command}
+        # The second model's deploy did not touch the first one's fleet; a rollback of it neither.
+        flows = shipped["intrusion_flows"]
+        delivery.roll_back(
+            flows["run"], store=store, release=flows["release"], fleet=flows["fleet"], ssm=ssm, region="us-east-1",
+            server=None, dag_run_id="run",
+        )  # fmt: skip
+        tags = {
+            instance["InstanceId"]: {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
+            for reservation in ec2.describe_instances()["Reservations"]
+            for instance in reservation["Instances"]
+        }
+        repositories = {r["repositoryName"] for r in ecr.describe_repositories()["repositories"]}
+    network, flows = shipped["network_security"], shipped["intrusion_flows"]
+    assert repositories == {"network-security-serving", "intrusion-flows-serving"}
+    assert network["image"]["repository"] == "network-security-serving"
+    assert flows["image"]["image_uri"].endswith("/intrusion-flows-serving:intrusion-flows-v2")
+    (network_host,), (flows_host,) = network["fleet"]["instance_ids"], flows["fleet"]["instance_ids"]
+    assert network_host != flows_host
+    assert (
+        tags[network_host]["Name"] == "network-security-serving"
+        and tags[flows_host]["Name"] == "intrusion-flows-serving"
+    )
+    assert [(c["Comment"], c["InstanceIds"]) for c in sent] == [
+        ("intrusion_flows rollout", [flows_host]),
+        ("network_security rollout", [network_host]),
+        ("roll back to v1", [flows_host]),  # the other model's fleet is sent nothing
+    ]
+    assert "IMAGE_URI=" + flows["image"]["image_uri"] in sent[0]["Parameters"]["commands"]
+    assert "IMAGE_URI=" + network["image"]["image_uri"] in sent[1]["Parameters"]["commands"]

@@ -75,6 +75,7 @@ def bash_syntax_ok(tmp_path: Path, script: str) -> subprocess.CompletedProcess[s
 def test_shipped_deploy_config_loads_with_its_values():
     config = load_deploy_config()
     assert isinstance(config, DeployConfig)
+    config = config.for_model("network_security")
     assert config.ecr == EcrConfig(
         repository="network-security-serving", scan_on_push=True, tag_mutability="IMMUTABLE", build="auto"
     )
@@ -88,6 +89,44 @@ def test_shipped_deploy_config_loads_with_its_values():
     assert config.ec2.ami_parameter == AMI_PARAMETER
     assert config.ec2.api_key_parameter == "/network-security/serving/api-key"
     assert (config.smoke.records, config.smoke.min_accuracy, config.smoke.timeout_seconds) == (64, 0.8, 60)
+
+
+def test_each_model_has_its_own_repository_and_fleet():
+    config = load_deploy_config()
+    flows, network = config.for_model("intrusion_flows"), config.for_model("network_security")
+    assert (flows.ecr.repository, network.ecr.repository) == ("intrusion-flows-serving", "network-security-serving")
+    assert flows.ec2.tags["Name"] == "intrusion-flows-serving" != network.ec2.tags["Name"]
+    assert flows.ec2.slot_ports == network.ec2.slot_ports and flows.smoke == network.smoke
+
+
+def test_a_models_overrides_apply_to_that_model_only(tmp_path):
+    def mutate(raw):
+        raw["models"] = {"flows": {"ecr": {"repository": "flows-images"}, "ec2": {"tags": {"Fleet": "f"}}}}
+
+    config = load_deploy_config(write_config(tmp_path, mutate))
+    flows, other = config.for_model("flows"), config.for_model("other")
+    assert (flows.ecr.repository, flows.ec2.tags) == ("flows-images", {"Fleet": "f"})
+    assert (other.ecr.repository, other.ec2.tags["Name"]) == ("other-serving", "other-serving")
+
+
+@pytest.mark.parametrize(
+    ("models", "words"),
+    [
+        ({"flows": {"smoke": {"records": 1}}}, "overrides the ecr and ec2 sections only"),
+        ({"flows": {"ecr": {"repo": "x"}}}, "unexpected keyword argument 'repo'"),
+        ({"flows": {"ec2": {"tags": {}}}}, "ec2.tags must be a non-empty mapping"),
+    ],
+)
+def test_a_bad_model_override_names_the_file(tmp_path, models, words):
+    path = write_config(tmp_path, lambda raw: raw.update(models=models))
+    with pytest.raises(ValueError, match=words) as raised:
+        load_deploy_config(path)
+    assert str(path) in str(raised.value)
+
+
+def test_a_repository_template_is_never_created():
+    with pytest.raises(ValueError, match="is a template: use DeployConfig.for_model"):
+        ensure_repository(None, load_deploy_config().ecr)
 
 
 def test_a_copy_of_the_shipped_config_loads_identically(tmp_path):
@@ -842,7 +881,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, network_spec: Any) -> Itera
     records = json.loads(registry.features.head(10).to_json(orient="records"))
     labels = registry.pipeline.predict(registry.features.head(10)).tolist()  # what v1 answers
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "faults": faults, "records": records, "labels": labels}
+        yield {
+            "url": f"http://127.0.0.1:{port}", "faults": faults, "records": records, "labels": labels,
+            "model_name": registry.model_name,
+        }  # fmt: skip
     finally:
         server.should_exit = True
         thread.join(timeout=15)
@@ -879,6 +921,19 @@ def test_smoke_test_passes_on_the_expected_champion(served, server):
     }
     assert 0 < result["seconds"] < 5
     assert server.paths[-4:] == ["/ready", "/model", "/predict", "/predict/batch"]
+
+
+def test_smoke_test_of_one_model_on_a_server_of_several_uses_its_routes(served, server):
+    name = served["model_name"]
+    assert run_smoke(served, model_name=name)["accuracy"] == 1.0
+    assert server.paths[-4:] == [
+        "/ready",
+        f"/models/{name}",
+        f"/models/{name}/predict",
+        f"/models/{name}/predict/batch",
+    ]
+    with pytest.raises(SmokeTestFailed, match="/models/another_model answered 404"):
+        run_smoke(served, model_name="another_model")
 
 
 def test_smoke_test_accuracy_exactly_at_the_minimum_passes(served, server):

@@ -321,14 +321,31 @@ def test_the_shipped_configuration_is_the_documented_default():
         ("cooldown_minutes: -5\n", "cooldown_minutes must be 0 or more"),
         ("psi_treshold: 0.2\n", "unknown key"),
         ("- a\n", "expected a mapping"),
+        ("datasets:\n  flows:\n    min_rows: 0\n", "min_rows must be at least 1"),
+        ("datasets:\n  flows:\n    psi_treshold: 0.2\n", "datasets.flows: unknown key"),
+        ("datasets: [flows]\n", "'datasets' maps dataset names to overrides"),
     ],
 )
 def test_bad_configuration_names_the_file_and_the_problem(tmp_path, text, message):
     path = tmp_path / "drift.yaml"
     path.write_text(text)
     with pytest.raises(ValueError, match=message) as raised:
-        drift.load_drift_config(path)
+        drift.load_drift_config(path, dataset="other")  # a bad override fails every dataset's check
     assert str(path) in str(raised.value)
+
+
+def test_each_dataset_has_its_own_configuration(tmp_path):
+    path = tmp_path / "drift.yaml"
+    path.write_text(
+        "psi_threshold: 0.3\nmin_rows: 400\ndatasets:\n  flows: {psi_threshold: 0.1, cooldown_minutes: 0}\n"
+    )
+    flows, other = drift.load_drift_config(path, dataset="flows"), drift.load_drift_config(path, dataset="other")
+    assert (flows.psi_threshold, flows.cooldown_minutes, flows.min_rows) == (0.1, 0, 400)
+    assert (other.psi_threshold, other.cooldown_minutes, other.min_rows) == (0.3, 360, 400)
+    assert drift.load_drift_config(path) == other
+    # The shipped file: intrusion_flows' smaller drops are checked from 200 rows.
+    assert drift.load_drift_config(dataset="intrusion_flows").min_rows == 200
+    assert drift.load_drift_config(dataset="network_security").min_rows == 500
 
 
 # --- the decision of a check, on a real (SQLite) monitoring store ---------------------------------

@@ -138,12 +138,13 @@ def test_pid_file_with_garbage_is_none(tmp_path):
     assert server.pid() is None
 
 
-def test_fingerprint_follows_the_environment(tmp_path):
+def test_fingerprint_follows_the_environment_but_not_the_model_selection(tmp_path):
     base = make_server(tmp_path, port=8000, MODEL_NAME="a", API_KEY="k")
     assert base.fingerprint == make_server(tmp_path, port=8000, API_KEY="k", MODEL_NAME="a").fingerprint
     assert len(base.fingerprint) == 64
+    # Deploying model b to the running server adds it (PUT /admin/models/b): no restart drops a.
+    assert make_server(tmp_path, port=8000, MODEL_NAME="b", DATASET="b", API_KEY="k").fingerprint == base.fingerprint
     for other in (
-        make_server(tmp_path, port=8000, MODEL_NAME="b", API_KEY="k"),
         make_server(tmp_path, port=8000, MODEL_NAME="a", API_KEY="other"),
         make_server(tmp_path, port=8000, MODEL_NAME="a", API_KEY="k", MLFLOW_TRACKING_URI="http://x"),
     ):
@@ -243,3 +244,87 @@ def _wait_until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+@pytest.fixture
+def admin_api(tmp_path):
+    """A stand-in of the model server's model and admin routes, recording each call and the key it carried."""
+    import json as json_module
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls: list[tuple[str, str, str, dict | None]] = []
+    served = {"models": [{"model_name": "network_security", "dataset": "network_security"}]}
+
+    class Api(BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: dict) -> None:
+            data = json_module.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _record(self) -> dict | None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json_module.loads(self.rfile.read(length)) if length else None
+            calls.append((self.command, self.path, self.headers.get("X-API-Key"), body))
+            return body
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self._record()
+            self._answer(200, served)
+
+        def do_PUT(self):  # noqa: N802
+            body = self._record()
+            served["models"].append({"model_name": self.path.rsplit("/", 1)[-1], "dataset": body["dataset"]})
+            self._answer(201, {})
+
+        def do_POST(self):  # noqa: N802
+            self._record()
+            self._answer(200, {"old_version": "1", "new_version": "2", "reloaded": True})
+
+        def log_message(self, *args):
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    server = make_server(tmp_path, port=http.server_port, API_KEY="predict-key", ADMIN_API_KEY="admin-key")
+    try:
+        yield server, calls
+    finally:
+        http.shutdown()
+
+
+def test_serving_a_new_model_adds_it_and_reloads_it_alone(admin_api):
+    server, calls = admin_api
+
+    assert server.serve("intrusion_flows", "intrusion_flows") == {
+        "old_version": "1",
+        "new_version": "2",
+        "reloaded": True,
+    }
+
+    assert calls == [
+        ("GET", "/models", "predict-key", None),
+        ("PUT", "/admin/models/intrusion_flows", "admin-key", {"dataset": "intrusion_flows"}),
+        ("POST", "/admin/models/intrusion_flows/reload", "admin-key", None),
+    ]
+
+
+def test_serving_a_served_model_only_reloads_it(admin_api):
+    server, calls = admin_api
+
+    server.serve("network_security", "network_security")
+
+    assert [(method, path) for method, path, _, _ in calls] == [
+        ("GET", "/models"), ("POST", "/admin/models/network_security/reload"),
+    ]  # fmt: skip
+
+
+def test_a_model_served_for_another_dataset_is_refused(admin_api):
+    server, calls = admin_api
+
+    with pytest.raises(LocalServerError, match="serves network_security for dataset network_security, not flows"):
+        server.serve("network_security", "flows")
+    assert [method for method, *_ in calls] == ["GET"]  # nothing changed on the server

@@ -8,7 +8,7 @@ import pytest
 
 from tasks.config import Settings
 from tasks.drift import DriftConfig
-from tasks.plan import CheckPlan, PlanError, RunPlan, plan_check, plan_release, plan_run
+from tasks.plan import CheckPlan, PlanError, RunPlan, plan_check, plan_checks, plan_release, plan_run
 
 KNOWN = ["intrusion_flows", "network_security"]
 SETTINGS = Settings(lake_bucket="lake", raw_bucket="raw", monitoring_conn_id="store_conn", aws_conn_id="aws_conn")
@@ -39,8 +39,11 @@ def test_params_override_settings(params, field, expected):
     assert getattr(run(params), field) == expected
 
 
-def test_the_setting_model_name_wins_over_the_dataset_name():
-    assert run(settings=SETTINGS.replace(model_name="shared")).model_name == "shared"
+def test_the_setting_model_name_names_the_settings_datasets_model_only():
+    renamed = SETTINGS.replace(model_name="renamed")
+    assert run(settings=renamed).model_name == "renamed"
+    # Another dataset keeps its own model: two datasets never share a champion.
+    assert run({"dataset": "intrusion_flows"}, settings=renamed).model_name == "intrusion_flows"
 
 
 def test_a_dataset_param_changes_the_settings_the_layout_uses():
@@ -162,3 +165,53 @@ def test_check_plan_window_and_overrides():
 def test_check_plan_refuses_bad_params(params, words):
     with pytest.raises(PlanError, match=words):
         check(params)
+
+
+def checks(params=None, champions=("network_security", "intrusion_flows"), settings=SETTINGS) -> list[CheckPlan]:
+    def config_for(dataset):
+        return DriftConfig(psi_threshold=0.1) if dataset == "intrusion_flows" else DriftConfig()
+
+    return plan_checks(settings, params, END, "scheduled", KNOWN, config_for, lambda model: model in champions)
+
+
+def test_one_check_per_dataset_with_a_champion_each_with_its_configuration():
+    flows, network = checks({"window_hours": 3})
+    assert (flows.dataset, flows.model_name, flows.raw_prefix) == (
+        "intrusion_flows",
+        "intrusion_flows",
+        "intrusion_flows",
+    )
+    assert (network.dataset, network.model_name, network.raw_prefix) == (
+        "network_security",
+        "network_security",
+        "network_data",
+    )
+    assert (flows.config.psi_threshold, network.config.psi_threshold) == (0.1, 0.25)
+    assert flows.partitions == network.partitions and len(flows.partitions) == 3  # the run's params hold for each
+    assert flows.settings.dataset == "intrusion_flows" and network.settings.dataset == "network_security"
+    assert [c.dataset for c in checks(champions=("intrusion_flows",))] == ["intrusion_flows"]
+
+
+def test_a_renamed_model_is_looked_up_for_its_own_dataset_only():
+    asked = []
+    plan_checks(SETTINGS.replace(model_name="ns_test"), {}, END, "manual", KNOWN, lambda dataset: DriftConfig(),
+                lambda model: asked.append(model) or True)  # fmt: skip
+    assert sorted(asked) == ["intrusion_flows", "ns_test"]
+
+
+def test_a_named_dataset_is_checked_even_without_a_champion():
+    (only,) = checks({"dataset": "intrusion_flows"}, champions=())
+    assert only.dataset == "intrusion_flows"  # its check then says there is no champion and what to do
+
+
+@pytest.mark.parametrize(
+    ("params", "champions", "words"),
+    [
+        ({}, (), "no onboarded dataset has a champion"),
+        ({"dataset": "../x"}, ("network_security",), "unknown dataset"),
+        ({"psi_threshold": -1}, ("network_security",), "psi_threshold must be positive"),
+    ],
+)
+def test_check_plans_refuse_bad_input_and_nothing_to_watch(params, champions, words):
+    with pytest.raises(PlanError, match=words):
+        checks(params, champions=champions)
