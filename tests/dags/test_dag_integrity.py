@@ -15,7 +15,12 @@ EXPECTED_EDGES = {
         ("wait_for_drop", "ingest"),
         ("ingest", "validate"),
         ("validate", "transform"),
-        ("transform", "train"),
+        ("transform", "start_training"),
+        ("validate", "start_training"),
+        ("start_training", "train_candidate"),
+        ("transform", "train_candidate"),
+        ("train_candidate", "train"),
+        ("start_training", "train"),
         ("train", "evaluate"),
         ("evaluate", "gate"),
         ("gate", "promote_champion"),
@@ -141,6 +146,23 @@ def test_drift_trigger_is_idempotent_and_training_runs_one_at_a_time(offline_dag
     assert trigger.wait_for_completion is False
     assert offline_dagbag.dags["network_security_training"].max_active_runs == 1
     assert drift.max_active_runs == 1
+
+
+def test_candidates_are_mapped_and_the_pool_fits_one_run_of_them(offline_dagbag):
+    """One mapped task per candidate, side by side in the `training` pool; the pool has a slot
+    per candidate and the DAG one active run, so one run's candidates can all run at once."""
+    import yaml
+
+    from tasks.train import load_training_config
+
+    training = offline_dagbag.dags["network_security_training"]
+    candidate = training.get_task("train_candidate")
+    assert candidate.is_mapped
+    assert candidate.pool == training.get_task("train").pool == "training"
+    assert training.max_active_runs == 1
+    settings = yaml.safe_load((DAGS_FOLDER.parent / "airflow_settings.yaml").read_text())
+    (pool,) = [p for p in settings["airflow"]["pools"] if p["pool_name"] == "training"]
+    assert int(pool["pool_slot"]) == len(load_training_config().candidates)
 
 
 @pytest.mark.parametrize(
