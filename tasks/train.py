@@ -456,6 +456,7 @@ def register_best(
     features = train[spec.feature_names]
     with mlflow.start_run(run_id=training_run["run_id"]) as parent:
         best = best_candidate(results, config.selection_metric)
+        log.info("refitting %s on the whole train split (%d rows)", best.name, len(train))
         started = time.perf_counter()
         pipeline = fit_final_pipeline(preprocessor, train, spec, best, config.seed)
         refit_seconds = time.perf_counter() - started
