@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import load_average, table
-from bench.train import PrivateStack, run_plan
+from bench.train import PrivateStack, _exit_on_sigterm, run_plan
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAY_DAG, DAY_FLOOR = "2026-04-01", "2026-04-02"
@@ -46,6 +46,7 @@ TARGET_RATIO = 1.3
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    _exit_on_sigterm()
     if args.worker == "dag":
         print("RESULT " + json.dumps(_dag(args.ds)), flush=True)
         return 0

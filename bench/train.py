@@ -54,6 +54,7 @@ TARGET_SECONDS, TARGET_MB, TARGET_AUC_DELTA = 120.0, 4096.0, 0.002
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    _exit_on_sigterm()
     if args.worker:
         print("RESULT " + json.dumps(_work(args)), flush=True)
         return 0
@@ -70,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             rows_results.append((rows, features, runs))
         _report(rows_results)
     return 0
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a timeout, a Ctrl-C'd make) unwinds like an error: the private stack is stopped."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
