@@ -44,7 +44,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
-from airflow.sdk import Param, chain, dag, task
+from airflow.sdk import Param, chain, dag, get_current_context, task
 
 from network_security import assets, runtime
 from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store, from_plan
@@ -144,9 +144,9 @@ def network_security_training():
     # One mapped task per candidate of include/training.yaml: side by side on as many
     # workers as there are, each in its own slot of the `training` pool (slots = candidates).
     @task(pool="training", map_index_template="{{ candidate_name }}")
-    def train_candidate(plan: dict, features: dict, assignment: dict, **context) -> dict:
+    def train_candidate(plan: dict, features: dict, assignment: dict) -> dict:
         """Cross-validate one candidate in its nested MLflow run under the parent run."""
-        context["candidate_name"] = assignment["candidate"]
+        get_current_context()["candidate_name"] = assignment["candidate"]  # the map index's name in the UI
         run = runtime.run_plan(plan)
         return pipeline.train_candidate(run, runtime.s3(run), features, assignment)
 
