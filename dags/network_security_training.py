@@ -154,7 +154,9 @@ def network_security_training():
     def register_best(plan: dict, features: dict, validation_uri: str, assignments: list, candidates) -> dict:
         """Refit the best candidate on the whole train split and register it as challenger."""
         run = runtime.run_plan(plan)
-        return pipeline.register_best(run, runtime.s3(run), features, validation_uri, assignments, list(candidates))
+        # By index up to len(): iterating the lazy sequence reads one past its end (an error in the log).
+        scored = [candidates[i] for i in range(len(candidates))]
+        return pipeline.register_best(run, runtime.s3(run), features, validation_uri, assignments, scored)
 
     @task
     def evaluate(plan: dict, features: dict, training: dict, validation_uri: str) -> dict:
