@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 
-.PHONY: help venv run test test-unit test-integration lint format stack-up stack-down stop stack-status publish-drop suites lock clean-state deploy rollback bench-serving load-test bench-drift airflow test-browser distributed-up distributed-down distributed-status distributed-test
+.PHONY: help venv run test test-unit test-integration lint format stack-up stack-down stop stack-status publish-drop suites lock clean-state deploy rollback bench-serving load-test bench-drift bench-train bench-pipeline airflow test-browser distributed-up distributed-down distributed-status distributed-test
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -91,6 +91,12 @@ load-test: $(STAMP) ## 60 s load test of the model server: zero 5xx, every predi
 
 bench-drift: $(STAMP) ## drift step vs Evidently on the full data at 100k, 1M, 10M rows (own emulator; ~3 min)
 	$(PY) -m bench.drift $(ARGS)
+
+bench-train: $(STAMP) ## train step (CV + refit + MLflow + registry) vs a bare sklearn fit at 100k and 1M rows, and today's config (own stack; ~15 min)
+	nice $(PY) -m bench.train $(ARGS)
+
+bench-pipeline: $(STAMP) ## the training DAG through `airflow dags test` vs its tasks/ functions in one process on a 1M-row drop (own stack)
+	nice $(PY) -m bench.pipeline $(ARGS)
 
 suites: $(STAMP) ## regenerate include/expectations/*.json from include/datasets/*.yaml
 	$(PY) -m tasks.validate build-suite

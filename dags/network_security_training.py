@@ -16,12 +16,18 @@ gate against the current champion.
 | `ingest` | reads every CSV of the day, coerces dtypes, counts duplicates, writes `snapshots/<dataset>/ds=<ds>/data.parquet` + manifest with the content hash | snapshot URI + hash |
 | `validate` | the dataset's GX suite (`include/expectations/`) via the GX provider; result JSON + report to `validation/`; on failure the drop is copied to `quarantine/` with the reason and the run stops | result URI |
 | `transform` | stratified split (fixed seed) of the last `window_days` snapshots, preprocessing fitted on train only, written to `features/<dataset>/ds=<ds>/` | feature URIs |
-| `train` | candidates (`include/training.yaml`) compared by CV, each a nested MLflow run; the best (preprocessing + estimator, skops) registered as alias `challenger` | run id, version |
+| `start_training` | opens the parent MLflow run: params, training input, lineage, dataset spec | one assignment per candidate (name + parent run) |
+| `train_candidate` | mapped, one per candidate of `include/training.yaml`, side by side: CV (on a stratified subsample above `cv_max_rows`), each its own nested MLflow run | CV metrics |
+| `train` | the best candidate by CV refitted on the whole train split (preprocessing + estimator, skops), logged in the parent run, registered as alias `challenger` | run id, version |
 | `evaluate` | challenger and champion scored on the same test split; metrics, plots and model card logged to the run | decision + reasons |
 | `gate` | branches on the decision (rule in `include/training.yaml`: floor and tolerance on the primary metric) | |
 | `promote_champion` | `champion` -> challenger, `previous_champion` -> old champion, row in the promotion log | aliases |
 | `keep_champion` | leaves both aliases untouched, logs the reasons, row in the promotion log | reasons |
 | `deploy.*` | only after a promotion: serving image in ECR, blue/green rollout on the tagged EC2 fleet via SSM, the local model server reloaded, smoke test, deployment log; on any failure `deploy.rollback` moves `champion` back to `previous_champion` on every target and fails the run | image URI, instance ids, URL |
+
+Each dataset's pool (`training_<dataset>`) has as many slots as there are candidates: with
+`max_active_runs=1` one run's candidates run side by side, no more training tasks of that
+dataset than one run's at once anywhere, and another dataset's training never waits for it.
 
 Bad data fails fast (no retries) and is quarantined; infrastructure errors (S3, MLflow)
 are retried. A rejected challenger ends the run successfully with `promote_champion` skipped.
@@ -40,7 +46,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
-from airflow.sdk import DAG, Param, chain, dag, task
+from airflow.sdk import DAG, Param, chain, dag, get_current_context, task
 
 from network_security import assets, runtime
 from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store, from_plan
@@ -99,11 +105,28 @@ def network_security_training():
         run = runtime.run_plan(plan)
         return pipeline.transform(run, runtime.s3(run))
 
-    @task(pool=TRAINING_POOL)
-    def train(plan: dict, features: dict, validation_uri: str, dag=None, run_id=None) -> dict:
-        """Cross-validate the candidates in MLflow and register the best as challenger."""
+    @task
+    def start_training(plan: dict, features: dict, validation_uri: str, dag=None, run_id=None) -> list[dict]:
+        """Open the parent MLflow run (lineage, spec, params); one assignment per candidate."""
         run = runtime.run_plan(plan)
-        return pipeline.train(run, runtime.s3(run), features, validation_uri, dag.dag_id, run_id)
+        return pipeline.start_training(run, runtime.s3(run), features, validation_uri, dag.dag_id, run_id)
+
+    # One mapped task per candidate of include/training.yaml: side by side on as many
+    # workers as there are, each in its own slot of the dataset's training pool (slots = candidates).
+    @task(pool=TRAINING_POOL, map_index_template="{{ candidate_name }}")
+    def train_candidate(plan: dict, features: dict, assignment: dict) -> dict:
+        """Cross-validate one candidate in its nested MLflow run under the parent run."""
+        get_current_context()["candidate_name"] = assignment["candidate"]  # the map index's name in the UI
+        run = runtime.run_plan(plan)
+        return pipeline.train_candidate(run, runtime.s3(run), features, assignment)
+
+    @task(task_id="train", pool=TRAINING_POOL)
+    def register_best(plan: dict, features: dict, validation_uri: str, assignments: list, candidates) -> dict:
+        """Refit the best candidate on the whole train split and register it as challenger."""
+        run = runtime.run_plan(plan)
+        # By index up to len(): iterating the lazy sequence reads one past its end (an error in the log).
+        scored = [candidates[i] for i in range(len(candidates))]
+        return pipeline.register_best(run, runtime.s3(run), features, validation_uri, assignments, scored)
 
     @task
     def evaluate(plan: dict, features: dict, training: dict, validation_uri: str) -> dict:
@@ -134,7 +157,9 @@ def network_security_training():
     ensure_store = ensure_monitoring_store()
     features = transform(plan)
     validation_uri = validate.output
-    training = with_links(train(plan, features, validation_uri), MLflowRunLink())
+    assignments = start_training(plan, features, validation_uri)
+    scored = train_candidate.partial(plan=plan, features=features).expand(assignment=assignments)
+    training = with_links(register_best(plan, features, validation_uri, assignments, scored), MLflowRunLink())
     evaluation = with_links(evaluate(plan, features, training, validation_uri), MLflowRunLink())
     chain(plan, [ensure_store, wait_for_drop])
     chain(wait_for_drop, ingest(plan), validate, features)
@@ -177,7 +202,7 @@ def training_dag(dataset: str) -> DAG:
     One DAG per dataset (not a mapped group in one DAG) so ``max_active_runs=1`` holds per
     dataset: dataset A's retrain never queues behind B's, and the drift DAG's storm guard
     counts the runs of that dataset only. Its training tasks take the dataset's own pool
-    (``training_<dataset>``, one slot each in ``airflow_settings.yaml``) instead of the
+    (``training_<dataset>``, a slot per candidate, in ``airflow_settings.yaml``) instead of the
     shared ``training`` pool the body names, for the same reason.
     """
     dag_id = training_dag_id(dataset)

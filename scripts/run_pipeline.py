@@ -1,7 +1,7 @@
 """``make run``: the whole closed loop on the embedded stack, stage by stage.
 
 1. start the stack; publish day D's drop; run ``network_security_training`` (ingest →
-   validate → transform → train → gate → deploy): the champion serves on 127.0.0.1:8000;
+   validate → transform → candidates side by side → train → gate → deploy): the champion serves on 127.0.0.1:8000;
 2. send normal traffic to the served model; run ``network_security_drift``: no drift;
 3. publish a drifted day D+1 and send drifted traffic; run the drift DAG again: it
    triggers a training run, which is then executed (``dag.test()`` of the queued run with

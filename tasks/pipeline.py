@@ -1,6 +1,7 @@
 """The training DAG's steps, as plain functions of the run plan and the clients they need.
 
-``ingest`` → (validation: the GX operator) → ``transform`` → ``train`` → ``evaluate`` →
+``ingest`` → (validation: the GX operator) → ``transform`` → ``start_training`` →
+``train_candidate`` (one per candidate, side by side) → ``register_best`` → ``evaluate`` →
 ``promote`` or ``keep_champion``. The work is in ``tasks.ingest``, ``tasks.transform``,
 ``tasks.train`` and ``tasks.registry``; these functions decide what each step is given and
 what it records (lineage, tags, the promotion log row, the asset events).
@@ -9,7 +10,7 @@ what it records (lineage, tags, the promotion log row, the asset events).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from tasks import monitoring_store, storage
@@ -47,27 +48,84 @@ def transform(plan: RunPlan, s3: Any) -> dict[str, Any]:
     return transform_day(s3, plan.layout, settings.test_size, settings.split_seed, plan.window_days)
 
 
-def train(
+def start_training(
     plan: RunPlan, s3: Any, features: Mapping[str, Any], validation_uri: str, dag_id: str, run_id: str
-) -> dict[str, Any]:
-    """Cross-validate the candidates, register the best as ``challenger``; its MLflow run's URL."""
-    from tasks.train import load_training_config, train_and_register
-    from tasks.transform import read_preprocessor
+) -> list[dict[str, Any]]:
+    """Open the run's parent MLflow run; one assignment per candidate (a mapped task each):
+    the candidate's name and the parent run."""
+    from tasks.train import candidate_assignments, load_training_config, start_training_run
 
     settings = plan.settings
-    trained = train_and_register(
+    training_run = start_training_run(
         train=storage.read_parquet(s3, storage.parse_s3_uri(features["train_uri"])),
-        preprocessor=read_preprocessor(s3, features["preprocessor_uri"]),
         spec=plan.spec,
         config=load_training_config(),
         tracking_uri=settings.mlflow_tracking_uri,
         experiment=settings.mlflow_experiment,
-        model_name=plan.model_name,
         lineage=plan.training_lineage(features, validation_uri),
         tags=plan.training_tags(dag_id, run_id),
     )
+    return candidate_assignments(training_run)
+
+
+def train_candidate(
+    plan: RunPlan, s3: Any, features: Mapping[str, Any], assignment: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One candidate cross-validated in its nested MLflow run under the parent run."""
+    from tasks.train import load_training_config, log_candidate
+    from tasks.transform import read_preprocessor
+
+    settings = plan.settings
+    result = log_candidate(
+        preprocessor=read_preprocessor(s3, features["preprocessor_uri"]),
+        train=storage.read_parquet(s3, storage.parse_s3_uri(features["train_uri"])),
+        spec=plan.spec,
+        config=load_training_config(),
+        name=assignment["candidate"],
+        tracking_uri=settings.mlflow_tracking_uri,
+        experiment=settings.mlflow_experiment,
+        parent_run_id=assignment["run_id"],
+    )
+    return result.as_xcom()
+
+
+def register_best(
+    plan: RunPlan,
+    s3: Any,
+    features: Mapping[str, Any],
+    validation_uri: str,
+    assignments: Iterable[Mapping[str, Any]],
+    candidates: Iterable[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The best candidate refitted on the whole train split, registered as ``challenger``; its run's URL."""
+    from tasks.train import CandidateResult, load_training_config, parent_run
+    from tasks.train import register_best as register
+    from tasks.transform import read_preprocessor
+
+    settings = plan.settings
+    trained = register(
+        train=storage.read_parquet(s3, storage.parse_s3_uri(features["train_uri"])),
+        preprocessor=read_preprocessor(s3, features["preprocessor_uri"]),
+        spec=plan.spec,
+        config=load_training_config(),
+        results=[CandidateResult.from_xcom(c) for c in candidates],
+        training_run=parent_run(list(assignments)),
+        tracking_uri=settings.mlflow_tracking_uri,
+        experiment=settings.mlflow_experiment,
+        model_name=plan.model_name,
+        lineage=plan.training_lineage(features, validation_uri),
+    )
     url = storage.mlflow_run_url(settings.mlflow_tracking_uri, trained["experiment_id"], trained["run_id"])
     return {**trained, "mlflow_run_url": url}
+
+
+def train(
+    plan: RunPlan, s3: Any, features: Mapping[str, Any], validation_uri: str, dag_id: str, run_id: str
+) -> dict[str, Any]:
+    """The DAG's three training steps in sequence in this process: parent run, every candidate, register."""
+    assignments = start_training(plan, s3, features, validation_uri, dag_id, run_id)
+    candidates = [train_candidate(plan, s3, features, assignment) for assignment in assignments]
+    return register_best(plan, s3, features, validation_uri, assignments, candidates)
 
 
 def evaluate(

@@ -1,5 +1,14 @@
 """Training: candidates compared by cross-validation, the best logged to MLflow as one model.
 
+Three steps, so that the DAG can run the candidates as mapped tasks side by side:
+``start_training_run`` opens the parent MLflow run (lineage, spec, params), then
+``cross_validate_candidate`` once per candidate (each its own nested run), then
+``register_best`` picks the best by CV, refits it on the whole train split, logs and
+registers it. ``train_and_register`` calls the three in sequence (one process).
+Above ``cv_max_rows`` train rows the CV runs on a stratified subsample of that size:
+the candidates' ranking is settled long before 800k rows, while the refit of the
+selected one still sees the whole train split.
+
 The registered model is the whole pipeline (the preprocessor fitted by the transform
 step + the estimator), saved with skops, so serving takes raw spec columns and cannot
 skew from training. Every candidate is a nested MLflow run under the DAG run's
@@ -12,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from dataclasses import dataclass, field
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +43,9 @@ log = logging.getLogger(__name__)
 TRAINING_CONFIG = PROJECT_ROOT / "include" / "training.yaml"
 CV_METRICS = ("roc_auc", "pr_auc", "f1", "precision", "recall", "accuracy")
 SCORE_BINS = 10
+# BLAS runs single-threaded during training (see tasks/__init__.py: the environment default
+# covers processes that import tasks first, this limit the others).
+TRAINING_BLAS_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ class TrainingConfig:
     selection_metric: str = "roc_auc"
     candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
     gate: GateRule = field(default_factory=GateRule)
+    cv_max_rows: int | None = None  # CV on a stratified subsample of this many train rows (None: all)
 
 
 def load_training_config(path: Path = TRAINING_CONFIG) -> TrainingConfig:
@@ -56,9 +71,14 @@ def load_training_config(path: Path = TRAINING_CONFIG) -> TrainingConfig:
         selection_metric=raw.get("selection_metric", "roc_auc"),
         candidates={name: dict(params or {}) for name, params in candidates.items()},
         gate=GateRule(**(raw.get("gate") or {})),
+        cv_max_rows=None if raw.get("cv_max_rows") is None else int(raw["cv_max_rows"]),
     )
     if config.selection_metric not in CV_METRICS:
         raise ValueError(f"{path}: selection_metric must be one of {CV_METRICS}")
+    if config.cv_folds < 2:
+        raise ValueError(f"{path}: cv_folds must be at least 2, got {config.cv_folds}")
+    if config.cv_max_rows is not None and config.cv_max_rows < 10 * config.cv_folds:
+        raise ValueError(f"{path}: cv_max_rows must be at least 10 x cv_folds, got {config.cv_max_rows}")
     return config
 
 
@@ -107,37 +127,109 @@ class CandidateResult:
     name: str
     params: dict[str, Any]
     cv_metrics: dict[str, float]
+    cv_rows: int = 0
+    seconds: float = 0.0
+    run_id: str | None = None  # its nested MLflow run, once logged
+
+    def as_xcom(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_xcom(cls, value: Mapping[str, Any]) -> CandidateResult:
+        return cls(**dict(value))
+
+
+def cv_sample(train: pd.DataFrame, spec: DatasetSpec, max_rows: int | None, seed: int) -> pd.DataFrame:
+    """The rows the candidates are cross-validated on: all of ``train`` up to ``max_rows``,
+    else a stratified (on the label) random subsample of ``max_rows`` rows, the same for a seed."""
+    if max_rows is None or len(train) <= max_rows:
+        return train
+    from sklearn.model_selection import train_test_split
+
+    sample, _ = train_test_split(train, train_size=max_rows, random_state=seed, stratify=train[spec.target.name])
+    return sample.reset_index(drop=True)
+
+
+def cross_validate_candidate(
+    preprocessor: Any, cv_frame: pd.DataFrame, spec: DatasetSpec, config: TrainingConfig, name: str
+) -> CandidateResult:
+    """One candidate's CV scores (preprocessing refitted inside each fold); the folds depend
+    on the rows and the seed only, so every candidate sees the same folds.
+
+    Raises:
+        ValueError: ``name`` is not a candidate of ``config``.
+    """
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold, cross_validate
+    from sklearn.pipeline import Pipeline
+
+    if name not in config.candidates:
+        raise ValueError(f"{name!r} is not a candidate of the training config; candidates: {sorted(config.candidates)}")
+    params = config.candidates[name]
+    started = time.perf_counter()
+    folds = StratifiedKFold(n_splits=config.cv_folds, shuffle=True, random_state=config.seed)
+    pipeline = Pipeline([("preprocess", clone(preprocessor)), ("model", ESTIMATORS[name](params, config.seed))])
+    scores = cross_validate(
+        pipeline,
+        cv_frame[spec.feature_names],
+        cv_frame[spec.target.name],
+        cv=folds,
+        scoring=scorers(spec.positive_class),
+    )
+    cv_metrics = {}
+    for metric in CV_METRICS:
+        values = scores[f"test_{metric}"]
+        cv_metrics[f"cv_{metric}_mean"] = float(np.mean(values))
+        cv_metrics[f"cv_{metric}_std"] = float(np.std(values))
+    seconds = time.perf_counter() - started
+    log.info(
+        "candidate %s: cv %s %.4f on %d rows in %.1fs",
+        name,
+        config.selection_metric,
+        cv_metrics[f"cv_{config.selection_metric}_mean"],
+        len(cv_frame),
+        seconds,
+    )
+    return CandidateResult(name, dict(params), cv_metrics, cv_rows=len(cv_frame), seconds=seconds)
 
 
 def cross_validate_candidates(
     preprocessor: Any, train: pd.DataFrame, spec: DatasetSpec, config: TrainingConfig
 ) -> list[CandidateResult]:
-    """Score every candidate (preprocessing refitted inside each fold) with the same folds."""
-    from sklearn.base import clone
-    from sklearn.model_selection import StratifiedKFold, cross_validate
-    from sklearn.pipeline import Pipeline
+    """Score every candidate, in the config's order, on the same rows and folds."""
+    cv_frame = cv_sample(train, spec, config.cv_max_rows, config.seed)
+    return [cross_validate_candidate(preprocessor, cv_frame, spec, config, name) for name in config.candidates]
 
-    features, target = train[spec.feature_names], train[spec.target.name]
-    folds = StratifiedKFold(n_splits=config.cv_folds, shuffle=True, random_state=config.seed)
-    results = []
-    for name, params in config.candidates.items():
-        pipeline = Pipeline([("preprocess", clone(preprocessor)), ("model", ESTIMATORS[name](params, config.seed))])
-        scores = cross_validate(pipeline, features, target, cv=folds, scoring=scorers(spec.positive_class))
-        cv_metrics = {}
-        for metric in CV_METRICS:
-            values = scores[f"test_{metric}"]
-            cv_metrics[f"cv_{metric}_mean"] = float(np.mean(values))
-            cv_metrics[f"cv_{metric}_std"] = float(np.std(values))
-        results.append(CandidateResult(name, params, cv_metrics))
-        log.info(
-            "candidate %s: cv %s %.4f", name, config.selection_metric, cv_metrics[f"cv_{config.selection_metric}_mean"]
-        )
-    return results
+
+def _blas_threads() -> Any:
+    # threadpoolctl limits the libraries loaded when it is entered: scipy's OpenBLAS
+    # (lbfgs) loads with scipy.optimize, so that comes first.
+    import scipy.optimize  # noqa: F401
+    import scipy.special  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=TRAINING_BLAS_THREADS, user_api="blas")
 
 
 def best_candidate(results: list[CandidateResult], metric: str) -> CandidateResult:
     """Highest mean CV score; ties go to the earlier (simpler, as listed) candidate."""
+    if not results:
+        raise ValueError("no candidate results to choose from")
     return max(results, key=lambda r: (r.cv_metrics[f"cv_{metric}_mean"], -results.index(r)))
+
+
+def check_results(results: list[CandidateResult], config: TrainingConfig) -> None:
+    """Every candidate of the config scored exactly once, by its name (what the select step is given).
+
+    Raises:
+        ValueError: Naming the missing or unexpected candidates.
+    """
+    names = [r.name for r in results]
+    if sorted(names) != sorted(config.candidates):
+        raise ValueError(
+            f"candidate results {sorted(names)} do not match the training config's candidates "
+            f"{sorted(config.candidates)}: rerun the candidate tasks of this run"
+        )
 
 
 def fit_final_pipeline(
@@ -147,7 +239,8 @@ def fit_final_pipeline(
     from sklearn.pipeline import Pipeline
 
     estimator = ESTIMATORS[candidate.name](candidate.params, seed)
-    estimator.fit(preprocessor.transform(train[spec.feature_names]), train[spec.target.name])
+    with _blas_threads():
+        estimator.fit(preprocessor.transform(train[spec.feature_names]), train[spec.target.name])
     return Pipeline([("preprocess", preprocessor), ("model", estimator)])
 
 
@@ -196,53 +289,67 @@ def serving_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("mlflow", "scikit-learn", "skops", "pandas", "numpy", "scipy")]
 
 
-def train_and_register(
-    *,
-    train: pd.DataFrame,
-    preprocessor: Any,
-    spec: DatasetSpec,
-    config: TrainingConfig,
-    tracking_uri: str,
-    experiment: str,
-    model_name: str,
-    lineage: dict[str, Any],
-    tags: dict[str, str],
-) -> dict[str, Any]:
-    """Cross-validate the candidates, log everything to MLflow, register the best as ``challenger``.
+def candidate_assignments(training_run: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One item per candidate: its name and the parent run to log under (what the DAG maps over)."""
+    parent = {k: v for k, v in training_run.items() if k != "candidates"}
+    return [{**parent, "candidate": name} for name in training_run["candidates"]]
 
-    Args:
-        train: The train split (raw spec columns).
-        preprocessor: The ColumnTransformer fitted on ``train`` by the transform step.
-        spec: Dataset spec.
-        config: Candidates, folds, seed, selection metric.
-        tracking_uri: MLflow tracking server.
-        experiment: MLflow experiment name.
-        model_name: Registered model name.
-        lineage: snapshot_uris, content_hashes, validation_uris, ds, window_days, features_uri.
-        tags: Airflow identifiers and the trigger (dag_id, run_id, ds, trigger_reason, ...).
 
-    Returns:
-        Parent run id, registered version, best candidate and its CV metrics.
+def parent_run(assignments: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The parent run the assignments share (the inverse of ``candidate_assignments``).
 
     Raises:
-        TrackingUnavailable: The tracking server is down (the Airflow task retries).
+        ValueError: No assignment, or assignments of different parent runs.
     """
+    runs = {a["run_id"] for a in assignments}
+    if len(runs) != 1:
+        raise ValueError(f"candidate assignments must share one parent run, got {sorted(runs) or 'none'}")
+    first = dict(assignments[0])
+    first.pop("candidate")
+    return {**first, "candidates": [a["candidate"] for a in assignments]}
+
+
+def _mlflow(tracking_uri: str, experiment: str) -> Any:
     import mlflow
-    from mlflow import MlflowClient
-    from mlflow.models import infer_signature
 
     check_tracking_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
-    features = train[spec.feature_names]
+    return mlflow
+
+
+def start_training_run(
+    *,
+    train: pd.DataFrame,
+    spec: DatasetSpec,
+    config: TrainingConfig,
+    tracking_uri: str,
+    experiment: str,
+    lineage: dict[str, Any],
+    tags: dict[str, str],
+) -> dict[str, Any]:
+    """Open the parent MLflow run: params, the training input, lineage and spec.
+
+    The run is left RUNNING: the candidates log their nested runs under it and
+    ``register_best`` finishes it.
+
+    Returns:
+        Its run and experiment ids, the git SHA and the candidates' names (config order).
+
+    Raises:
+        TrackingUnavailable: The tracking server is down (the Airflow task retries).
+    """
+    mlflow = _mlflow(tracking_uri, experiment)
     sha = git_sha()
-    with mlflow.start_run(run_name=f"train {lineage['ds']}", tags={**tags, "git_sha": sha}) as parent:
+    parent = mlflow.start_run(run_name=f"train {lineage['ds']}", tags={**tags, "git_sha": sha})
+    try:
         mlflow.log_params(
             {
                 "dataset": spec.name,
                 "ds": lineage["ds"],
                 "window_days": lineage.get("window_days", 1),
                 "cv_folds": config.cv_folds,
+                "cv_max_rows": config.cv_max_rows,
                 "seed": config.seed,
                 "selection_metric": config.selection_metric,
                 "train_rows": len(train),
@@ -260,18 +367,103 @@ def train_and_register(
         )
         mlflow.log_dict(lineage, "lineage.json")
         mlflow.log_dict(spec.to_dict(), "dataset_spec.json")
-        results = cross_validate_candidates(preprocessor, train, spec, config)
-        for result in results:
-            with mlflow.start_run(run_name=result.name, nested=True):
-                mlflow.set_tag("candidate", result.name)
-                mlflow.log_params({"estimator": result.name, **result.params})
-                mlflow.log_metrics(_finite(result.cv_metrics))
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="RUNNING")  # detach; register_best resumes and finishes it
+    return {
+        "run_id": parent.info.run_id,
+        "experiment_id": parent.info.experiment_id,
+        "git_sha": sha,
+        "candidates": list(config.candidates),
+    }
+
+
+def log_candidate(
+    *,
+    preprocessor: Any,
+    train: pd.DataFrame,
+    spec: DatasetSpec,
+    config: TrainingConfig,
+    name: str,
+    tracking_uri: str,
+    experiment: str,
+    parent_run_id: str,
+) -> CandidateResult:
+    """Cross-validate one candidate (on the CV sample of ``train``) in its own nested run.
+
+    A retry reuses a finished nested run of the same candidate under the same parent
+    (same rows, folds and seed give the same scores) instead of logging a second one.
+    """
+    mlflow = _mlflow(tracking_uri, experiment)
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    done = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.candidate = '{name}' and attributes.status = 'FINISHED'"
+        ),
+        max_results=1,
+    )
+    if done:
+        previous = done[0]
+        log.info("candidate %s already scored in run %s: reusing it", name, previous.info.run_id)
+        cv_metrics = {k: v for k, v in previous.data.metrics.items() if k.startswith("cv_")}
+        return CandidateResult(
+            name,
+            dict(config.candidates[name]),
+            cv_metrics,
+            cv_rows=int(float(previous.data.params.get("cv_rows", 0))),
+            run_id=previous.info.run_id,
+        )
+    cv_frame = cv_sample(train, spec, config.cv_max_rows, config.seed)
+    with mlflow.start_run(
+        run_name=name, parent_run_id=parent_run_id, experiment_id=experiment_id, tags={"candidate": name}
+    ) as child:
+        result = cross_validate_candidate(preprocessor, cv_frame, spec, config, name)
+        mlflow.log_params({"estimator": name, "cv_rows": result.cv_rows, **result.params})
+        mlflow.log_metrics({**_finite(result.cv_metrics), "cv_seconds": result.seconds})
+        result.run_id = child.info.run_id
+    return result
+
+
+def register_best(
+    *,
+    train: pd.DataFrame,
+    preprocessor: Any,
+    spec: DatasetSpec,
+    config: TrainingConfig,
+    results: list[CandidateResult],
+    training_run: Mapping[str, Any],
+    tracking_uri: str,
+    experiment: str,
+    model_name: str,
+    lineage: dict[str, Any],
+) -> dict[str, Any]:
+    """Pick the best candidate by CV, refit it on the whole train split, log it in the parent
+    run and register it as ``challenger``; the parent run is finished here.
+
+    Raises:
+        ValueError: ``results`` do not cover the config's candidates exactly.
+        TrackingUnavailable: The tracking server is down (the Airflow task retries).
+    """
+    mlflow = _mlflow(tracking_uri, experiment)
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    check_results(results, config)
+    features = train[spec.feature_names]
+    with mlflow.start_run(run_id=training_run["run_id"]) as parent:
         best = best_candidate(results, config.selection_metric)
+        log.info("refitting %s on the whole train split (%d rows)", best.name, len(train))
+        started = time.perf_counter()
         pipeline = fit_final_pipeline(preprocessor, train, spec, best, config.seed)
+        refit_seconds = time.perf_counter() - started
         scores = positive_scores(pipeline, features, spec.positive_class)
         mlflow.log_dict(reference_statistics(train, spec, scores), "reference_stats.json")
         mlflow.log_params({"best_estimator": best.name, **{f"best.{k}": v for k, v in best.params.items()}})
-        mlflow.log_metrics(_finite(best.cv_metrics))
+        mlflow.log_metrics({**_finite(best.cv_metrics), "refit_seconds": refit_seconds})
         info = mlflow.sklearn.log_model(
             pipeline,
             name="model",
@@ -297,5 +489,72 @@ def train_and_register(
             "best_estimator": best.name,
             "params": best.params,
             "cv_metrics": best.cv_metrics,
-            "git_sha": sha,
+            "git_sha": training_run["git_sha"],
         }
+
+
+def train_and_register(
+    *,
+    train: pd.DataFrame,
+    preprocessor: Any,
+    spec: DatasetSpec,
+    config: TrainingConfig,
+    tracking_uri: str,
+    experiment: str,
+    model_name: str,
+    lineage: dict[str, Any],
+    tags: dict[str, str],
+) -> dict[str, Any]:
+    """Cross-validate the candidates, log everything to MLflow, register the best as ``challenger``
+    (the three steps the DAG runs as tasks, in sequence in this process).
+
+    Args:
+        train: The train split (raw spec columns).
+        preprocessor: The ColumnTransformer fitted on ``train`` by the transform step.
+        spec: Dataset spec.
+        config: Candidates, folds, seed, selection metric, CV row cap.
+        tracking_uri: MLflow tracking server.
+        experiment: MLflow experiment name.
+        model_name: Registered model name.
+        lineage: snapshot_uris, content_hashes, validation_uris, ds, window_days, features_uri.
+        tags: Airflow identifiers and the trigger (dag_id, run_id, ds, trigger_reason, ...).
+
+    Returns:
+        Parent run id, registered version, best candidate and its CV metrics.
+
+    Raises:
+        TrackingUnavailable: The tracking server is down (the Airflow task retries).
+    """
+    training_run = start_training_run(
+        train=train,
+        spec=spec,
+        config=config,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        lineage=lineage,
+        tags=tags,
+    )
+    mlflow_at = {"tracking_uri": tracking_uri, "experiment": experiment}
+    results = [
+        log_candidate(
+            preprocessor=preprocessor,
+            train=train,
+            spec=spec,
+            config=config,
+            name=name,
+            parent_run_id=training_run["run_id"],
+            **mlflow_at,
+        )
+        for name in training_run["candidates"]
+    ]
+    return register_best(
+        train=train,
+        preprocessor=preprocessor,
+        spec=spec,
+        config=config,
+        results=results,
+        training_run=training_run,
+        model_name=model_name,
+        lineage=lineage,
+        **mlflow_at,
+    )

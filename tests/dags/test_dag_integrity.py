@@ -15,7 +15,12 @@ EXPECTED_EDGES = {
         ("wait_for_drop", "ingest"),
         ("ingest", "validate"),
         ("validate", "transform"),
-        ("transform", "train"),
+        ("transform", "start_training"),
+        ("validate", "start_training"),
+        ("start_training", "train_candidate"),
+        ("transform", "train_candidate"),
+        ("train_candidate", "train"),
+        ("start_training", "train"),
         ("train", "evaluate"),
         ("evaluate", "gate"),
         ("gate", "promote_champion"),
@@ -108,7 +113,7 @@ def test_each_training_dag_trains_its_dataset_alone_and_in_its_own_pool(offline_
         assert {task.pool for task in dag.tasks} <= {"default_pool", f"training_{dataset}"}
         assert {task.pool for task in dag.tasks} <= {"default_pool", *declared}  # every pool exists once applied
         assert set(dag.task_ids) == set(reference.task_ids)  # the same body
-    assert declared["training_intrusion_flows"]["slots"] == 1
+    assert declared["training_intrusion_flows"]["slots"] == declared["training_network_security"]["slots"] == 3
 
 
 @pytest.mark.parametrize("dataset", ["network_security", "intrusion_flows"])
@@ -195,6 +200,23 @@ def test_the_drift_checks_are_mapped_per_dataset(offline_dagbag):
     assert {task.task_id for task in group} == mapped
     for task_id in mapped:  # the grid names each map index after its dataset
         assert drift.get_task(task_id).map_index_template == "{{ dataset }}"
+
+
+def test_candidates_are_mapped_and_the_pool_fits_one_run_of_them(offline_dagbag):
+    """One mapped task per candidate, side by side in the `training` pool; the pool has a slot
+    per candidate and the DAG one active run, so one run's candidates can all run at once."""
+    import yaml
+
+    from tasks.train import load_training_config
+
+    training = offline_dagbag.dags["network_security_training"]
+    candidate = training.get_task("train_candidate")
+    assert candidate.is_mapped
+    assert candidate.pool == training.get_task("train").pool == "training_network_security"
+    assert training.max_active_runs == 1
+    settings = yaml.safe_load((DAGS_FOLDER.parent / "airflow_settings.yaml").read_text())
+    (pool,) = [p for p in settings["airflow"]["pools"] if p["pool_name"] == "training_{dataset}"]
+    assert int(pool["pool_slot"]) == len(load_training_config().candidates)
 
 
 @pytest.mark.parametrize(

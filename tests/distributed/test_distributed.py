@@ -250,9 +250,9 @@ def test_a_worker_killed_mid_task_loses_no_run(dist):
     )
     victim_host = train["hostname"]
     victim = next(name for name, host in dist.config.worker_hostnames.items() if host == victim_host)
-    # Mid-task: the first candidate is cross-validated, the MLflow parent run is open, two more to go.
+    # Mid-task: the candidates are scored (mapped tasks), the best is being refitted in the open parent run.
     attempt_log = _task_log_dir(dist, run_id, "train") / f"attempt={train['try_number']}.log"
-    _wait_for_log(attempt_log, '"event":"candidate ', 180)
+    _wait_for_log(attempt_log, '"event":"refitting ', 180)
     assert dist.api.task_instances(TRAINING_DAG_ID, run_id)["train"]["state"] == "running"
     pid = distributed.kill(dist.config, victim)
     print(f"SIGKILLed {victim} (pid {pid}, {victim_host}) while it ran train try {train['try_number']}")
