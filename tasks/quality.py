@@ -688,7 +688,13 @@ def quality_check_row(
         "decision": decision,
         "reason": reason,
         "metrics_json": json.dumps(
-            {"versions": summary.get("versions", []), "comparison": summary.get("comparison")}, default=str
+            {
+                "versions": summary.get("versions", []),
+                "comparison": summary.get("comparison"),
+                # What a retrain triggered later, for a drift check, names of this one (held_quality_signal).
+                "signal": summary.get("signal"),
+            },
+            default=str,
         ),
         "report_uri": summary.get("report_uri"),
         "triggered_run_id": triggered_run_id,
@@ -997,6 +1003,34 @@ def held_drift_signal(store: Any, plan: QualityPlan, last_retrain_at: dt.datetim
     return drift.drift_signal(summary, [], 1)
 
 
+def held_quality_signal(
+    store: Any, dataset: str, window_end: dt.datetime, max_age: dt.timedelta, last_retrain_at: dt.datetime | None
+) -> Any | None:
+    """The quality check's latest signal when it was ready but held back (active run, cooldown), else None.
+
+    The drift check's counterpart of :func:`held_drift_signal`: a drift check that triggers a
+    retrain names a quality drop storm protection held back (within ``max_age``, and no retrain
+    triggered since), so the run learns from the feedback too.
+    """
+    from tasks import monitoring_store, retrain
+
+    since = window_end - max_age
+    rows = monitoring_store.query(
+        store, "latest_quality_signal", dataset=dataset, since=since.isoformat(), until=window_end.isoformat()
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    if not row["degraded"] or row["decision"] not in HELD_OUTCOMES:
+        return None
+    if last_retrain_at is not None and dt.datetime.fromisoformat(row["window_end"]) <= last_retrain_at:
+        return None
+    signal = json.loads(row["metrics_json"] or "{}").get("signal") or {}
+    if not signal:
+        return None
+    return retrain.Signal(kind="quality", fired=True, reason=signal["reason"], evidence=signal["evidence"])
+
+
 def decide_retraining(
     client: Any, store: Any, plan: QualityPlan, summary: dict[str, Any], dag_run_id: str, active_training_runs: int
 ) -> Any:
@@ -1021,6 +1055,7 @@ def decide_retraining(
     )
     last_retrain_at = monitoring_store.last_retrain_at(store, plan.dataset, plan.window_end)
     signals = [quality_signal(summary, history, config.consecutive_checks)]
+    summary = {**summary, "signal": {"reason": signals[0].reason, "evidence": dict(signals[0].evidence)}}
     if signals[0].ready:
         held = held_drift_signal(store, plan, last_retrain_at)
         if held is not None:

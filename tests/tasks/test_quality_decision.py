@@ -140,3 +140,22 @@ def test_the_plan_takes_the_shared_cooldown_and_rejects_bad_overrides():
         _plan(AT, min_labelled_rows=0)
     with pytest.raises(PlanError, match="unknown dataset"):
         _plan(AT, dataset="nope")
+
+
+def test_quality_held_by_storm_protection_joins_the_drift_run(labelled_day, store):
+    """The other order: the quality drop is held, the next drift check names both and brings the feedback."""
+    held = _decide(labelled_day, store, AT, True, "q-1", active=1)
+    assert held.outcome == "training_active"
+
+    decision = drift.decide_retraining(labelled_day, store, drift_check_plan(AT + HOUR), drift_summary(True), "d-1", 0)
+
+    assert decision.run_id == "drift+quality__network_security__2026-11-23T01:00:00"
+    assert decision.conf["signals"] == ["drift", "quality"]
+    assert "quality: v1 degraded" in decision.conf["reason"] and decision.conf["drift_report_uri"]
+    assert decision.conf["feedback"]["feedback_days"] == ["2026-11-22"]  # the run learns from the labels
+
+
+def test_a_drift_check_alone_names_only_drift(labelled_day, store):
+    _decide(labelled_day, store, AT, False, "q-1")
+    decision = drift.decide_retraining(labelled_day, store, drift_check_plan(AT + HOUR), drift_summary(True), "d-1", 0)
+    assert decision.conf["signals"] == ["drift"] and "feedback" not in decision.conf
