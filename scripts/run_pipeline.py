@@ -373,7 +373,7 @@ class ConceptLoop:
 
         self.loop = loop
         # The champion was trained on the feature-drifted day: same features, other concept.
-        self.knob = DriftKnob(feature_drift=1.0, concept_drift=1.0)
+        self.knob = DriftKnob(feature_drift=1.0, concept_drift=0.7)
         self.today = _now().date().isoformat()
 
     def traffic_with_feedback(self, seed: int) -> None:
