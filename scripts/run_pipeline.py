@@ -10,6 +10,12 @@
    its reference (the drifted snapshot it was trained on);
 5. print a table of every DAG run, PSI, decisions, champion versions and report locations.
 
+Then the concept-drift stage (``ConceptLoop``): traffic whose labels mean something else given
+the same features (PSI stays below the threshold, the drift check sees nothing), its delayed
+labels as a feedback drop, ``network_security_quality`` catching the drop in live quality and
+triggering one retrain on the feedback, and the new champion's live quality recovering; the
+table gets a quality column (metric before -> after, labelled rows).
+
 What it prints comes from where the runs recorded it: the monitoring store (gate decisions,
 deployments, drift checks, triggered retrains), MLflow, the S3 manifests, and Airflow's CLI
 (task states, queued runs), never from Airflow's database directly.
@@ -155,7 +161,7 @@ class Loop:
         row = {"dag": dag_id, "run": shown_as or report.run_id, "state": report.state, "seconds": seconds, "note": note}
         if shown_as:
             row["ran_as"] = report.run_id
-        if dag_id == DRIFT_DAG_ID:
+        if not record_quality(self.records, dag_id, report.run_id, row) and dag_id == DRIFT_DAG_ID:
             check = self.records.drift_check(report.run_id, self.spec.name)
             if check and check["max_psi"] is not None:
                 row["psi"] = f"max {check['max_psi']:.3f} / pred {check['prediction_psi']:.3f}"
@@ -240,7 +246,7 @@ class Loop:
                 TRAINING_DAG_ID,
                 queued["logical_date"],
                 conf=conf,
-                note=f"queued by the drift check as {queued['run_id']}",
+                note=f"queued by a check as {queued['run_id']}",
                 shown_as=queued["run_id"],
             )
             for reason in (self.rows[-1].get("promotion") or {}).get("reason", "").split("; "):
@@ -300,6 +306,8 @@ class Loop:
                 print(f"  {'':78s} {'':8s} {'executed as':24s} {row['ran_as']} (dag.test)")
             if row.get("champion"):
                 print(f"  {'':78s} {'':8s} {'champion':24s} {row['champion']}")
+            if row.get("quality"):
+                print(f"  {'':78s} {'':8s} {'quality':24s} {row['quality']}")
             if row.get("report"):
                 print(f"  {'':78s} {'':8s} {'Evidently report':24s} {row['report']}")
         before, after = getattr(self, "champions", (None, None))
@@ -320,6 +328,102 @@ class Loop:
                     f"                 {row['window_end'][:19]}  v{row['champion_version']}  rows {row['current_rows']}  "
                     f"{psi:24s} {row['decision']}"
                 )
+
+
+# --- the concept-drift stage: live quality from delayed labels ---------------------------------
+
+
+def record_quality(records: Records, dag_id: str, run_id: str, row: dict[str, Any]) -> bool:
+    """The quality column of a quality DAG run's row (metric before -> after, labelled rows); False for other DAGs."""
+    from tasks import monitoring_store
+    from tasks.config import QUALITY_DAG_ID
+
+    if dag_id != QUALITY_DAG_ID:
+        return False
+    checks = monitoring_store.rows_of_run(records.store, "quality_check_of_run", run_id)
+    if not checks:
+        return True
+    check = checks[0]
+    row["check"] = check
+    if check["live_metric"] is not None:
+        row["quality"] = (
+            f"{check['primary_metric']} {check['holdout_metric']:.3f} -> {check['live_metric']:.3f} "
+            f"on {check['labelled_rows']} labelled rows (v{check['champion_version']})"
+        )
+    row["report"] = check["report_uri"]
+    triggered = f" -> {check['triggered_run_id']}" if check["triggered_run_id"] else ""
+    row["decision"] = check["decision"] + triggered
+    return True
+
+
+class ConceptLoop:
+    """After the PSI stages: concept drift that PSI cannot see, caught by the quality check from delayed labels.
+
+    The traffic keeps the features of the champion's training day (so every PSI stays low) and
+    reverses what the strong indicators mean; every prediction is labelled (the labelling delay
+    is the generator's, shortened to minutes so the day's drop holds it), published as the
+    day's feedback drop, and ``network_security_quality`` joins it with the prediction log.
+    """
+
+    LABELS = {"labelled_share": 1.0, "delay_hours": 0.05, "delay_spread": 0.5}
+
+    def __init__(self, loop: Loop) -> None:
+        from tasks.datagen import DriftKnob
+
+        self.loop = loop
+        # The champion was trained on the feature-drifted day: same features, other concept.
+        self.knob = DriftKnob(feature_drift=1.0, concept_drift=0.7)
+        self.today = _now().date().isoformat()
+
+    def traffic_with_feedback(self, seed: int) -> None:
+        from tasks.datagen import FeedbackKnob, label_feedback
+        from tasks.feedback import publish_feedback
+        from tasks.traffic import send_traffic, wait_until_logged
+
+        loop = self.loop
+        version = served_version(loop.url, loop.api_key)
+        served = send_traffic(loop.url, loop.api_key, loop.spec, loop.args.traffic, seed=seed, knob=self.knob)
+        wait_until_logged(loop.url)
+        feedback = label_feedback(served.predictions, loop.spec, FeedbackKnob(**self.LABELS), seed=seed)
+        uris = publish_feedback(
+            services.s3_client(os.environ), loop.settings.raw_bucket, loop.spec, feedback, f"make-run-{seed}"
+        )
+        print(
+            f"  {served.rows} concept-drifted records scored by v{version}; {len(feedback)} labels in {', '.join(uris)}"
+        )
+
+    def check_quality(self, note: str) -> Any:
+        from tasks.config import QUALITY_DAG_ID
+
+        # Two feedback days, so a run around midnight still finds the labels it just published; the
+        # drift retrain of the previous stage started the one cooldown minutes ago: lifted here.
+        conf = {"feedback_window_days": 2, "cooldown_minutes": 0}
+        return self.loop.run(QUALITY_DAG_ID, _now(), conf=conf, note=note)
+
+    def run(self) -> bool:
+        from tasks.config import DRIFT_DAG_ID, QUALITY_DAG_ID, TRAINING_DAG_ID
+
+        loop = self.loop
+        before = served_version(loop.url, loop.api_key)
+        _say(f"[6/6] Concept drift: publishing the labelled day {self.today} and sending its traffic to v{before}")
+        loop.publish(self.today, self.knob)
+        self.traffic_with_feedback(seed=104)
+        _say(f"[6/6] Running {DRIFT_DAG_ID}: PSI stays below the threshold (same features)")
+        loop.run(DRIFT_DAG_ID, _now(), conf={"cooldown_minutes": 0}, note="concept-drifted traffic")
+        _say(f"[6/6] Running {QUALITY_DAG_ID}: the delayed labels show what PSI cannot")
+        check = self.check_quality("concept-drifted traffic, labelled")
+        if check.task_states.get("trigger_retraining") != "success":
+            print("  the quality check did not trigger a training run; see the table below")
+            return False
+        _say(f"[6/6] Executing the quality-triggered {TRAINING_DAG_ID} run (trains on the drop plus the feedback)")
+        loop.run_queued_retrains(self.today)
+        after = served_version(loop.url, loop.api_key)
+        _say(f"[6/6] Concept-drifted traffic to the new champion v{after}, labelled; a last quality check")
+        self.traffic_with_feedback(seed=105)
+        self.check_quality("concept-drifted traffic, new champion")
+        loop.champions = (loop.champions[0], after)
+        recovered = (loop.rows[-1].get("check") or {}).get("decision") == "no_quality"
+        return after is not None and after != before and recovered
 
 
 def _now() -> dt.datetime:
@@ -413,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", type=int, default=2, help="CSV files per published day")
     parser.add_argument("--traffic", type=int, default=3000, help="records sent to the model server per traffic stage")
     parser.add_argument("--no-loop", action="store_true", help="stop after the first training run (no drift loop)")
+    parser.add_argument("--no-concept", action="store_true", help="skip the concept-drift (live quality) stage")
     args = parser.parse_args(argv)
 
     _say("Starting the embedded stack (moto S3/ECR/EC2/SSM emulator, MLflow, Airflow metadata)")
@@ -429,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     closed = None
     if first.succeeded and not args.no_loop:
         closed = loop.loop()
+        if closed and not args.no_concept:
+            closed = ConceptLoop(loop).run()
         loop.print_table()
     version = served_version(loop.url, loop.api_key)
     if version:

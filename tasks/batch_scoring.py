@@ -652,3 +652,53 @@ def run_batch_scoring(
         raise BatchScoringError(f"no backlog for {spec.name} ds={ds} at {layout.backlog.uri}; nothing to score")
     model = load_scoring_model(tracking_uri, model_name, model_version, spec)
     return score_backlog(client, layout, model, scored_at=scored_at)
+
+
+# --- the batch scoring DAG's steps ---------------------------------------------------------------
+
+
+def _layout(plan: Any, chunk_rows: int | None) -> BatchLayout:
+    config = load_batch_scoring_config().replace(chunk_rows=chunk_rows)
+    return BatchLayout(plan.settings.raw_bucket, plan.settings.lake_bucket, plan.spec, plan.ds, config)
+
+
+def backlog_location(plan: Any, chunk_rows: int | None = None) -> dict[str, str]:
+    """The day's backlog folder for the DAG's sensor: ``bucket``, ``key_pattern`` (a wildcard) and ``uri``.
+
+    Args:
+        plan: The run's ``tasks.plan.RunPlan`` (dataset, day, buckets).
+        chunk_rows: The run's chunk size override (validated here, before anything waits).
+    """
+    layout = _layout(plan, chunk_rows)
+    return {"bucket": layout.backlog.bucket, "key_pattern": layout.backlog.key + "*", "uri": layout.backlog.uri}
+
+
+def score_day(
+    client: Any, plan: Any, scored_at: dt.datetime, model_version: str | None = None, chunk_rows: int | None = None
+) -> dict[str, Any]:
+    """The batch scoring DAG's step: ``run_batch_scoring`` for the plan's dataset, model and day.
+
+    Args:
+        client: boto3 S3 client.
+        plan: The run's ``tasks.plan.RunPlan``.
+        scored_at: The run's data interval end (records' timestamp and log partition: a rerun rewrites them).
+        model_version: Score with this version instead of the champion.
+        chunk_rows: Override of ``include/batch_scoring.yaml``'s chunk size.
+
+    Returns:
+        The manifest without the key lists (small enough for XCom; they stay in ``manifest.json``).
+    """
+    layout = _layout(plan, chunk_rows)
+    manifest = run_batch_scoring(
+        client,
+        tracking_uri=plan.settings.mlflow_tracking_uri,
+        raw_bucket=layout.raw_bucket,
+        lake_bucket=layout.lake_bucket,
+        spec=plan.spec,
+        model_name=plan.model_name,
+        ds=plan.ds,
+        scored_at=scored_at,
+        model_version=model_version,
+        config=layout.config,
+    )
+    return {k: v for k, v in manifest.items() if k not in ("output_keys", "prediction_log_keys")}

@@ -21,6 +21,8 @@ SETTINGS_VARIABLE = "network_security_config"
 TRAINING_DAG_ID = "network_security_training"
 DEPLOY_DAG_ID = "network_security_deploy"
 DRIFT_DAG_ID = "network_security_drift"
+QUALITY_DAG_ID = "network_security_quality"
+BATCH_SCORING_DAG_ID = "network_security_batch_scoring"
 AWS_CONN_ID = "aws_default"
 ENV_PREFIX = "NS_"
 # The dataset whose training DAG keeps the historical id (tests, `make run`, the UI's bookmarks).

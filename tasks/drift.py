@@ -605,8 +605,17 @@ def decide_retraining(
         last_retrain_at=monitoring_store.last_retrain_at(store, plan.dataset, plan.window_end),
         cooldown=dt.timedelta(minutes=config.cooldown_minutes),
     )
+    signals = [drift_signal(summary, history, config.consecutive_checks)]
+    if signals[0].ready:
+        # A quality drop held back by storm protection joins: one run, both reasons (tasks.quality).
+        from tasks.quality import held_quality_signal
+
+        held = held_quality_signal(
+            store, plan.dataset, plan.window_end_time, dt.timedelta(days=1), guard.last_retrain_at
+        )
+        signals += [held] if held is not None else []
     decision = retrain.decide(
-        [drift_signal(summary, history, config.consecutive_checks)],
+        signals,
         dataset=plan.dataset,
         window_end=plan.window_end_time,
         guard=guard,

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from tasks.dataset_spec import PROJECT_ROOT
 from tasks.evaluate import finite
+from tasks.quality import QUALITY_CHECK_FIELDS
 
 SQL_DIR = PROJECT_ROOT / "include" / "sql"
 
@@ -51,6 +52,7 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ),
         ("run_id",),
     ),
+    "quality_check": (QUALITY_CHECK_FIELDS, ("dag_run_id",)),
 }  # fmt: skip
 
 

@@ -41,11 +41,40 @@ def snapshot_event(plan: RunPlan, snapshot: Mapping[str, Any]) -> dict[str, Any]
 
 
 def transform(plan: RunPlan, s3: Any) -> dict[str, Any]:
-    """Split the window's snapshots and fit the preprocessor on the train split."""
+    """Split the window's snapshots and fit the preprocessor on the train split.
+
+    A run triggered by live quality names the labelled feedback window in its conf
+    (``trigger["feedback"]``, see ``tasks.quality.retrain_conf``): its served inputs with their
+    true labels, one row per request id, join the snapshots, and the features' ``feedback``
+    lineage (partitions, row counts) goes on to the MLflow run.
+    """
     from tasks.transform import transform_day
 
     settings = plan.settings
-    return transform_day(s3, plan.layout, settings.test_size, settings.split_seed, plan.window_days)
+    return transform_day(
+        s3, plan.layout, settings.test_size, settings.split_seed, plan.window_days, feedback=learned_feedback(plan, s3)
+    )
+
+
+def learned_feedback(plan: RunPlan, s3: Any) -> tuple[Any, dict[str, Any]] | None:
+    """The labelled feedback window the run's trigger names, as training rows and lineage; None when it names none."""
+    from tasks.feedback import feedback_training_frame
+
+    window = plan.trigger.get("feedback")
+    if not window:
+        return None
+    frame, lineage = feedback_training_frame(
+        s3,
+        raw_bucket=plan.settings.raw_bucket,
+        lake_bucket=plan.settings.lake_bucket,
+        spec=plan.spec,
+        model_name=window.get("model_name") or plan.model_name,
+        feedback_days=list(window["feedback_days"]),
+        predictions_from=window["predictions_from"],
+        predictions_to=window["predictions_to"],
+    )
+    log.info("feedback window %s: %d labelled served rows added", window["feedback_days"], len(frame))
+    return frame, lineage
 
 
 def start_training(

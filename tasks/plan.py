@@ -33,7 +33,7 @@ from tasks.layout import DayLayout, check_ds
 log = logging.getLogger(__name__)
 
 # Run conf fields that say why a training run exists; recorded on its MLflow run and model card.
-TRIGGER_FIELDS = ("reason", "signals", "drift_report_uri", "max_psi", "drifted_features")
+TRIGGER_FIELDS = ("reason", "signals", "drift_report_uri", "max_psi", "drifted_features", "quality", "feedback")
 GATE_OVERRIDES = ("promote", "reject")
 RELEASE_ACTIONS = ("redeploy", "rollback")
 # Drift configuration a drift run's params may override (include/drift.yaml holds the rest).
@@ -136,6 +136,7 @@ class RunPlan:
             "content_hashes": features["content_hashes"],
             "validation_uri": validation_uri,
             "features_uri": features["features_uri"],
+            **({"feedback": features["feedback"]} if features.get("feedback") else {}),
         }
 
     def training_tags(self, dag_id: str, run_id: str) -> dict[str, str]:

@@ -688,7 +688,13 @@ def quality_check_row(
         "decision": decision,
         "reason": reason,
         "metrics_json": json.dumps(
-            {"versions": summary.get("versions", []), "comparison": summary.get("comparison")}, default=str
+            {
+                "versions": summary.get("versions", []),
+                "comparison": summary.get("comparison"),
+                # What a retrain triggered later, for a drift check, names of this one (held_quality_signal).
+                "signal": summary.get("signal"),
+            },
+            default=str,
         ),
         "report_uri": summary.get("report_uri"),
         "triggered_run_id": triggered_run_id,
@@ -776,3 +782,327 @@ def log_monitoring_run(
         for name, snapshot in check.snapshots.items():
             mlflow.log_text(render_html(snapshot).decode(), f"quality/{name}")
         return run.info.experiment_id, run.info.run_id
+
+
+# --- the quality DAG's plan and steps ------------------------------------------------------------
+
+# Quality configuration a check's run params may override (include/quality.yaml holds the rest);
+# ``cooldown_minutes`` is the one cooldown shared with the drift check (include/drift.yaml).
+QUALITY_OVERRIDES = ("min_labelled_rows", "feedback_window_days", "lookback_days", "consecutive_checks")
+# Outcomes of a held signal: it was ready when its check decided, and storm protection held it back.
+HELD_OUTCOMES = ("training_active", "cooldown", "no_labelled_data")
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """One quality check (the quality DAG's plan, as ``tasks.plan.CheckPlan`` is the drift DAG's).
+
+    Attributes:
+        dataset: Dataset spec name.
+        model_name: Registered model whose champion is judged.
+        raw_prefix: The dataset's folder in the raw bucket (where labelled days land).
+        settings: The resolved settings.
+        config: ``include/quality.yaml`` with the run's overrides.
+        window_end: The run's data interval end (ISO 8601, UTC).
+        cooldown_minutes: The retrain cooldown shared with the drift check (``include/drift.yaml``).
+        retrain_window_days: Days of labelled drops the triggered run trains on (``include/drift.yaml``).
+        psi_threshold: The drift check's threshold (to name a held drift signal's reason).
+        drift_window_hours: How old a held drift check may be to join this check's decision.
+        run_type: The DAG run's type.
+    """
+
+    dataset: str
+    model_name: str
+    raw_prefix: str
+    settings: Any
+    config: QualityConfig
+    window_end: str
+    cooldown_minutes: int = 360
+    retrain_window_days: int = 1
+    psi_threshold: float = 0.25
+    drift_window_hours: int = 24
+    run_type: str = "manual"
+
+    @property
+    def window_end_time(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.window_end)
+
+    @property
+    def spec(self) -> DatasetSpec:
+        from tasks.dataset_spec import load_spec
+
+        return load_spec(self.dataset)
+
+    def to_xcom(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values["settings"] = asdict(self.settings)
+        values["config"] = asdict(self.config)
+        return values
+
+    @classmethod
+    def from_xcom(cls, values: dict[str, Any]) -> QualityPlan:
+        from tasks.config import Settings
+
+        return cls(
+            **{**values, "settings": Settings(**values["settings"]), "config": QualityConfig(**values["config"])}
+        )
+
+
+def plan_quality_check(
+    settings: Any,
+    params: dict[str, Any] | None,
+    window_end: dt.datetime,
+    run_type: Any,
+    known_datasets: list[str],
+    config: QualityConfig | None = None,
+) -> QualityPlan:
+    """The plan of a quality check: run params override the dataset, ``include/quality.yaml`` and the cooldown.
+
+    Raises:
+        PlanError: An unknown dataset or an invalid override.
+    """
+    from tasks.dataset_spec import load_spec
+    from tasks.drift import load_drift_config
+    from tasks.plan import PlanError, check_dataset
+
+    params = dict(params or {})
+    settings = settings.replace(dataset=check_dataset(params.get("dataset") or settings.dataset, known_datasets))
+    drift_config = load_drift_config()
+    try:
+        config = (config or load_quality_config()).replace(**{key: params.get(key) for key in QUALITY_OVERRIDES})
+        cooldown = params.get("cooldown_minutes")
+        cooldown = drift_config.cooldown_minutes if cooldown is None else int(cooldown)
+        if cooldown < 0:
+            raise ValueError(f"cooldown_minutes must be 0 or more, got {cooldown}")
+    except (TypeError, ValueError) as err:
+        raise PlanError(f"quality check params: {err}") from None
+    spec = load_spec(settings.dataset)
+    plan = QualityPlan(
+        dataset=spec.name,
+        model_name=settings.model_name or spec.name,
+        raw_prefix=spec.raw_prefix,
+        settings=settings,
+        config=config,
+        window_end=window_end.astimezone(dt.UTC).isoformat(),
+        cooldown_minutes=cooldown,
+        retrain_window_days=drift_config.retrain_window_days,
+        psi_threshold=drift_config.psi_threshold,
+        drift_window_hours=drift_config.window_hours,
+        run_type=str(getattr(run_type, "value", run_type)),
+    )
+    log.info("quality check plan: %s", plan.to_xcom())
+    return plan
+
+
+def run_check(client: Any, store: Any, plan: QualityPlan, dag_run_id: str) -> dict[str, Any]:
+    """The check: metrics of the window's labelled predictions; reports to S3, a monitoring run in MLflow.
+
+    Returns:
+        The summary with ``report_uri`` / ``summary_uri``, ``mlflow_run_url`` and ``report_url``.
+
+    Raises:
+        QualityError: No champion (not worth retrying).
+        NotEnoughData: Too few labelled rows; the skipped check is recorded (with the reason) first.
+    """
+    from tasks import retrain
+    from tasks.drift import NotEnoughData
+
+    tracking_uri = plan.settings.mlflow_tracking_uri
+    check = run_quality_check(
+        client,
+        tracking_uri=tracking_uri,
+        raw_bucket=plan.settings.raw_bucket,
+        lake_bucket=plan.settings.lake_bucket,
+        spec=plan.spec,
+        model_name=plan.model_name,
+        window_end=plan.window_end_time,
+        config=plan.config,
+    )
+    write_outputs(client, plan.settings.lake_bucket, report_prefix(plan.dataset, dag_run_id), check)
+    experiment_id, run_id = log_monitoring_run(
+        tracking_uri, plan.config.monitoring_experiment, check, {"airflow_dag_run_id": dag_run_id}
+    )
+    summary = check.summary
+    summary["mlflow_run_id"] = run_id
+    summary["mlflow_run_url"] = storage.mlflow_run_url(tracking_uri, experiment_id, run_id)
+    if summary.get("report_uri"):
+        summary["report_url"] = storage.mlflow_artifact_url(tracking_uri, run_id, "quality/report.html")
+    summary = json.loads(json.dumps(summary, default=_plain))  # plain JSON for XCom (numpy values)
+    if check.skipped:
+        record_check(store, plan, dag_run_id, summary, retrain.Decision(False, "skipped", summary["reason"]))
+        raise NotEnoughData(summary["reason"], summary)
+    return summary
+
+
+def record_check(store: Any, plan: QualityPlan, dag_run_id: str, summary: dict[str, Any], decision: Any) -> None:
+    """The check's row in ``quality_check``, with its decision and the run it triggered."""
+    from tasks import monitoring_store
+
+    row = quality_check_row(
+        dag_run_id,
+        {**summary, "window": {**summary.get("window", {}), "end": plan.window_end}},
+        decision=decision.outcome,
+        reason=decision.reason,
+        triggered_run_id=decision.run_id,
+        checked_at=dt.datetime.now(dt.UTC),
+    )
+    monitoring_store.write(store, "quality_check", [row])
+
+
+def quality_signal(summary: dict[str, Any], history: list[dict[str, Any]], consecutive: int) -> Any:
+    """This check's verdict as a signal of the shared retrain rule (``tasks.retrain``).
+
+    The streak is :func:`performance_signal`'s (same champion version, skipped checks ignored);
+    the evidence is :func:`retrain_conf`'s ``quality`` and ``feedback`` (what the triggered run
+    learns from).
+    """
+    from tasks import retrain
+
+    performance = performance_signal(summary, history, consecutive)
+    evidence = {k: v for k, v in retrain_conf(summary, performance).items() if k != "reason"}
+    return retrain.Signal(
+        kind="quality",
+        fired=performance.degraded,
+        history=(True,) * max(performance.streak - 1, 0),
+        consecutive=consecutive,
+        reason=performance.reason,
+        evidence=evidence,
+    )
+
+
+def held_drift_signal(store: Any, plan: QualityPlan, last_retrain_at: dt.datetime | None) -> Any | None:
+    """The drift check's latest signal when it is ready but was held back (active run, cooldown), else None.
+
+    A drift check within the drift window before this check that found drift and was held
+    by storm protection (and no retrain was triggered since) still stands: a retrain this
+    check triggers names it too, so drift and quality together make one run naming both.
+    """
+    from tasks import drift, monitoring_store
+
+    end = plan.window_end_time
+    since = end - dt.timedelta(hours=plan.drift_window_hours)
+    rows = monitoring_store.query(
+        store, "latest_drift_signal", dataset=plan.dataset, since=since.isoformat(), until=plan.window_end
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    checked_end = dt.datetime.fromisoformat(row["window_end"])
+    if not row["drift_detected"] or row["decision"] not in HELD_OUTCOMES:
+        return None
+    if last_retrain_at is not None and checked_end <= last_retrain_at:
+        return None
+    summary = {
+        "drift_detected": True,
+        "drifted_features": json.loads(row["drifted_features"] or "[]"),
+        "max_psi": row["max_psi"],
+        "prediction_psi": row["prediction_psi"],
+        "psi_threshold": plan.psi_threshold,
+        "report_uri": row["report_uri"],
+    }
+    return drift.drift_signal(summary, [], 1)
+
+
+def held_quality_signal(
+    store: Any, dataset: str, window_end: dt.datetime, max_age: dt.timedelta, last_retrain_at: dt.datetime | None
+) -> Any | None:
+    """The quality check's latest signal when it was ready but held back (active run, cooldown), else None.
+
+    The drift check's counterpart of :func:`held_drift_signal`: a drift check that triggers a
+    retrain names a quality drop storm protection held back (within ``max_age``, and no retrain
+    triggered since), so the run learns from the feedback too.
+    """
+    from tasks import monitoring_store, retrain
+
+    since = window_end - max_age
+    rows = monitoring_store.query(
+        store, "latest_quality_signal", dataset=dataset, since=since.isoformat(), until=window_end.isoformat()
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    if not row["degraded"] or row["decision"] not in HELD_OUTCOMES:
+        return None
+    if last_retrain_at is not None and dt.datetime.fromisoformat(row["window_end"]) <= last_retrain_at:
+        return None
+    signal = json.loads(row["metrics_json"] or "{}").get("signal") or {}
+    if not signal:
+        return None
+    return retrain.Signal(kind="quality", fired=True, reason=signal["reason"], evidence=signal["evidence"])
+
+
+def decide_retraining(
+    client: Any, store: Any, plan: QualityPlan, summary: dict[str, Any], dag_run_id: str, active_training_runs: int
+) -> Any:
+    """Apply the retrain rule shared with drift to this check; record the check and a triggered retrain.
+
+    History (K checks in a row) and the last triggered retrain (the one cooldown, any reason)
+    come from the monitoring store; when this check's signal is ready, a drift signal held
+    back by storm protection joins it (one run, both reasons). The run's ``ds`` is the newest
+    labelled drop on or before the window.
+    """
+    from tasks import monitoring_store, retrain
+    from tasks.drift import newest_labelled_day
+
+    config = plan.config
+    history = monitoring_store.query(
+        store,
+        "recent_quality_checks",
+        dataset=plan.dataset,
+        model_name=plan.model_name,
+        before=plan.window_end,
+        limit=max(config.consecutive_checks * 4, 20),
+    )
+    last_retrain_at = monitoring_store.last_retrain_at(store, plan.dataset, plan.window_end)
+    signals = [quality_signal(summary, history, config.consecutive_checks)]
+    summary = {**summary, "signal": {"reason": signals[0].reason, "evidence": dict(signals[0].evidence)}}
+    if signals[0].ready:
+        held = held_drift_signal(store, plan, last_retrain_at)
+        if held is not None:
+            signals.append(held)
+    decision = retrain.decide(
+        signals,
+        dataset=plan.dataset,
+        window_end=plan.window_end_time,
+        guard=retrain.StormGuard(
+            active_training_runs=active_training_runs,
+            last_retrain_at=last_retrain_at,
+            cooldown=dt.timedelta(minutes=plan.cooldown_minutes),
+        ),
+        labelled_day=newest_labelled_day(
+            client, plan.settings.raw_bucket, plan.raw_prefix, plan.window_end_time.date().isoformat()
+        ),
+        window_days=plan.retrain_window_days,
+    )
+    if decision.trigger:
+        row = monitoring_store.retrain_row(
+            run_id=decision.run_id,
+            model_name=plan.model_name,
+            conf=decision.conf,
+            window_end=plan.window_end,
+            source_dag_run_id=dag_run_id,
+            requested_at=monitoring_store.now(),
+        )
+        monitoring_store.write(store, "retrain_log", [row])
+    record_check(store, plan, dag_run_id, summary, decision)
+    log.info("quality decision: %s (%s)", decision.outcome, decision.reason)
+    return decision
+
+
+def retraining_alert(dag_id: str, run_id: str, summary: dict[str, Any], retrain: dict[str, Any]) -> dict[str, Any]:
+    """The webhook payload of a quality-triggered retrain (``plugins/network_security/alerts.py`` sends it)."""
+    conf = retrain.get("conf") or {}
+    return {
+        "event": "quality_retraining_triggered",
+        "text": (
+            f":warning: live quality of {summary.get('model_name')} v{summary.get('champion_version')}: "
+            f"{conf.get('reason')}; training run {retrain.get('run_id')} triggered"
+        ),
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "training_run_id": retrain.get("run_id"),
+        "signals": conf.get("signals"),
+        "quality": conf.get("quality"),
+        "report_url": summary.get("report_url"),
+        "reason": conf.get("reason"),
+    }

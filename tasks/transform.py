@@ -75,7 +75,14 @@ def window_snapshots(client: Any, layout: DayLayout, window_days: int) -> list[d
     return manifests
 
 
-def transform_day(client: Any, layout: DayLayout, test_size: float, seed: int, window_days: int = 1) -> dict[str, Any]:
+def transform_day(
+    client: Any,
+    layout: DayLayout,
+    test_size: float,
+    seed: int,
+    window_days: int = 1,
+    feedback: tuple[pd.DataFrame, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Split the validated snapshot(s), fit the preprocessor on train and write the features.
 
     Args:
@@ -84,20 +91,22 @@ def transform_day(client: Any, layout: DayLayout, test_size: float, seed: int, w
         test_size: Held-out share.
         seed: Split seed.
         window_days: Train on the snapshots of the last N days ending at ``layout.ds``.
+        feedback: Labelled served rows and their lineage (``tasks.feedback.feedback_training_frame``),
+            added to the snapshots before the split, so the holdout holds the newest truth too.
 
     Returns:
         URIs of the features folder, the splits, the preprocessor and the manifest, the
-        snapshots used with their content hashes, and row counts.
+        snapshots used with their content hashes, row counts, and ``feedback`` (its lineage) when given.
     """
     spec = layout.spec
     manifests = window_snapshots(client, layout, window_days)
-    frame = pd.concat(
-        [
-            storage.read_parquet(client, storage.parse_s3_uri(m["snapshot_uri"]), columns=spec.column_names)
-            for m in manifests
-        ],
-        ignore_index=True,
-    )
+    frames = [
+        storage.read_parquet(client, storage.parse_s3_uri(m["snapshot_uri"]), columns=spec.column_names)
+        for m in manifests
+    ]
+    if feedback is not None and len(feedback[0]):
+        frames.append(feedback[0][spec.column_names].astype(spec.dtypes))
+    frame = pd.concat(frames, ignore_index=True)
     train, test = split(frame, spec, test_size, seed)
     preprocessor = build_preprocessor(spec).fit(train[spec.feature_names])
     out = layout.features_dir
@@ -122,6 +131,8 @@ def transform_day(client: Any, layout: DayLayout, test_size: float, seed: int, w
         "test_positive_share": float((test[target] == spec.positive_class).mean()),
         "feature_names_out": [str(n) for n in preprocessor.get_feature_names_out()],
     }
+    if feedback is not None:
+        manifest["feedback"] = feedback[1]
     manifest_uri = storage.put_json(client, out.child(MANIFEST), manifest)
     log.info("features %s: %d train / %d test rows from %d snapshot(s)", out.uri, len(train), len(test), len(manifests))
     return {
@@ -134,6 +145,7 @@ def transform_day(client: Any, layout: DayLayout, test_size: float, seed: int, w
         "test_rows": len(test),
         "window_days": window_days,
         **snapshots,
+        **({"feedback": feedback[1]} if feedback is not None else {}),
     }
 
 

@@ -80,12 +80,17 @@ def on_task_failure(context: dict[str, Any]) -> None:
 
 
 def on_retraining_triggered(context: dict[str, Any]) -> None:
-    """``on_success_callback`` of the drift DAG's ``trigger_retraining``: drift worth a retrain."""
+    """``on_success_callback`` of the drift and quality DAGs' ``trigger_retraining``: a retrain triggered."""
     ti = context["ti"]
     decision = ti.xcom_pull(task_ids="decide_retraining", key="decision", map_indexes=ti.map_index) or {}
     summary = ti.xcom_pull(task_ids="check_drift", map_indexes=ti.map_index) or {}
     retrain = decision.get("retrain") or {}
     conf = retrain.get("conf") or {}
+    if not summary:  # the quality DAG: the payload is the shared one's (tasks.quality)
+        from tasks.quality import retraining_alert
+
+        send(retraining_alert(ti.dag_id, ti.run_id, ti.xcom_pull(task_ids="check_quality") or {}, retrain))
+        return
     send(
         {
             "event": "drift_retraining_triggered",

@@ -152,20 +152,23 @@ def failures(plan: RunPlan | None = None) -> Iterator[None]:
     """Map the domain errors of ``tasks/`` to Airflow's: fail without retries, or skip."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+    from tasks.batch_scoring import BatchScoringError
     from tasks.delivery import NothingReleased, SmokeRecordsMissing, TargetNotSelected
     from tasks.drift import DriftError, NotEnoughData
     from tasks.ingest import DataRejected
     from tasks.model_io import UnsafeModel
     from tasks.plan import PlanError
+    from tasks.quality import QualityError
     from tasks.registry import NothingToRollBack
 
+    no_retry = (PlanError, DriftError, QualityError, BatchScoringError, NothingToRollBack, SmokeRecordsMissing)
     try:
         yield
     except DataRejected as err:
         if plan is None:
             raise
         reject(plan, err.reason, "ingest", err.files)
-    except (PlanError, DriftError, NothingToRollBack, SmokeRecordsMissing, UnsafeModel) as err:
+    except (*no_retry, UnsafeModel) as err:
         raise AirflowFailException(str(err)) from err
     except (NotEnoughData, TargetNotSelected, NothingReleased) as err:
         raise AirflowSkipException(str(err)) from err

@@ -51,6 +51,17 @@ EXPECTED_EDGES = {
         ("decide_retraining", "trigger_retraining"),
         ("decide_retraining", "no_retraining"),
     },
+    "network_security_quality": {
+        ("plan_check", "ensure_monitoring_store"),
+        ("ensure_monitoring_store", "check_quality"),
+        ("check_quality", "decide_retraining"),
+        ("decide_retraining", "trigger_retraining"),
+        ("decide_retraining", "no_retraining"),
+    },
+    "network_security_batch_scoring": {
+        ("plan_run", "wait_for_backlog"),
+        ("wait_for_backlog", "score_backlog"),
+    },
 }
 
 
@@ -176,9 +187,10 @@ def test_deploy_runs_only_after_a_promotion_and_rolls_back_only_on_failure(offli
     assert "deploy.rollback" not in offline_dagbag.dags["network_security_deploy"].task_ids
 
 
-def test_drift_trigger_is_idempotent_and_training_runs_one_at_a_time(offline_dagbag):
-    """Storm protection that lives in the DAG definitions themselves."""
-    drift = offline_dagbag.dags["network_security_drift"]
+@pytest.mark.parametrize("check_dag", ["network_security_drift", "network_security_quality"])
+def test_drift_trigger_is_idempotent_and_training_runs_one_at_a_time(offline_dagbag, check_dag):
+    """Storm protection that lives in the DAG definitions themselves (drift and quality alike)."""
+    drift = offline_dagbag.dags[check_dag]
     trigger = drift.get_task("trigger_retraining")
     # The dataset's own training DAG, run id and conf, from this map index's decision.
     assert type(trigger).__name__ == "RetrainTrigger" and trigger.decide_task_id == "decide_retraining"
@@ -226,6 +238,7 @@ def test_candidates_are_mapped_and_the_pool_fits_one_run_of_them(offline_dagbag)
         ("network_security_training", "train", {"MLflow run"}),
         ("network_security_training", "evaluate", {"MLflow run"}),
         ("network_security_drift", "check_drift", {"Evidently report", "MLflow run"}),
+        ("network_security_quality", "check_quality", {"Evidently report", "MLflow run"}),
     ],
 )
 def test_tasks_link_to_what_they_produced(offline_dagbag, dag_id, task_id, links):
@@ -286,6 +299,8 @@ def test_the_sensor_defers_where_a_triggerer_runs():
         ("network_security_training", "ensure_monitoring_store", "conn_id", "plan_run"),
         ("network_security_training", "deploy.rollout_ec2", "aws_conn_id", "plan_run"),
         ("network_security_drift", "ensure_monitoring_store", "conn_id", "plan_check"),
+        ("network_security_quality", "ensure_monitoring_store", "conn_id", "plan_check"),
+        ("network_security_batch_scoring", "wait_for_backlog", "aws_conn_id", "plan_run"),
         ("network_security_deploy", "ensure_monitoring_store", "conn_id", "plan_run"),
     ],
 )
