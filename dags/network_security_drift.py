@@ -39,6 +39,7 @@ from network_security.dag_parts import (
     default_args,
     ensure_monitoring_store,
     label_map_index,
+    no_retraining,
 )
 from network_security.links import EvidentlyReportLink, MLflowRunLink, with_links
 from network_security.operators import RetrainTrigger
@@ -103,17 +104,6 @@ def network_security_drift():
         return decision.outcome
 
     # Exactly one of trigger_retraining and no_retraining runs, the other skips itself (RetrainTrigger says why).
-    @task(map_index_template=MAP_INDEX_TEMPLATE)
-    def no_retraining(ti=None) -> dict:
-        """Say why no training run was triggered."""
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        decision = ti.xcom_pull(task_ids="decide_retraining", key="decision", map_indexes=ti.map_index)
-        label_map_index(decision["dataset"])
-        if decision["trigger"]:
-            raise AirflowSkipException(f"{decision['dataset']}: training run {decision['retrain']['run_id']} triggered")
-        return {"dataset": decision["dataset"], "outcome": decision["outcome"], "reason": decision["reason"]}
-
     # One group per dataset; task ids stay unprefixed (check_drift, ...), each labelled with its dataset.
     @task_group(group_id="per_dataset", prefix_group_id=False)
     def per_dataset(plan: dict) -> None:

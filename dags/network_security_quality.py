@@ -17,11 +17,11 @@ quality together start one run whose `conf` names both (run id `drift+quality__<
 
 | step | what it does | output (XCom) |
 | --- | --- | --- |
-| `plan_check` | settings, `include/quality.yaml` (run params override it), the shared cooldown of `include/drift.yaml`, the window end from the data interval | plan |
+| `plan_check` | one plan per onboarded dataset with a champion (or the `dataset` param's): settings, `include/quality.yaml` (run params override it), the shared cooldown of `include/drift.yaml`, the window end from the data interval | plan |
 | `ensure_monitoring_store` | creates the monitoring tables (`include/sql/monitoring_store.sql`) if missing, on the plan's connection | |
 | `check_quality` | joins the feedback of the last `feedback_window_days` days with the model's predictions of the last `lookback_days` (late labels; duplicates: latest label wins; unknown request ids counted and ignored); Evidently classification metrics per model version (accuracy, precision, recall, ROC AUC, confusion matrix) against the version's holdout (`test_*` of its MLflow run); `report.html` + `summary.json` to `s3://<lake>/quality/<dataset>/<run>/`, a run in the `network_security_monitoring` experiment. Too few labelled rows: **skipped** with the reason (recorded). No champion: fails with what to do | summary |
 | `decide_retraining` | the shared retrain rule: retrain when the primary metric fell by at least `max_drop` (ROC AUC 0.05, accuracy 5 points) in `consecutive_checks` checks in a row, unless a training run is queued or running or the cooldown is on; records the check in `quality_check` and a triggered retrain in `retrain_log` | decision |
-| `trigger_retraining` | `TriggerDagRunOperator` on `network_security_training` with `conf` = reason (the metric drop), signals, `quality` (metric before/after, labelled rows) and `feedback` (the partitions the run adds to its training data), the newest labelled `ds`; idempotent run id `quality__<dataset>__<window end>` | |
+| `trigger_retraining` | `TriggerDagRunOperator` on the dataset's training DAG with `conf` = reason (the metric drop), signals, `quality` (metric before/after, labelled rows) and `feedback` (the partitions the run adds to its training data), the newest labelled `ds`; idempotent run id `quality__<dataset>__<window end>` | |
 | `no_retraining` | logs why not | |
 
 **Trigger**: daily by schedule (`NS_SCHEDULE_NETWORK_SECURITY_QUALITY`: a cron, a preset, or
@@ -34,17 +34,21 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import Param, chain, dag, task
+from airflow.sdk import Param, chain, dag, task, task_group
 
 from network_security import alerts, runtime
-from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store
+from network_security.dag_parts import (
+    INCLUDE,
+    MAP_INDEX_TEMPLATE,
+    default_args,
+    ensure_monitoring_store,
+    label_map_index,
+    no_retraining,
+)
 from network_security.links import EvidentlyReportLink, MLflowRunLink, with_links
-from tasks import quality
-from tasks.config import QUALITY_DAG_ID, TRAINING_DAG_ID, dag_schedule
-
-RETRAIN_RUN_ID = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['retrain']['run_id'] }}"
-RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['retrain']['conf'] }}"
+from network_security.operators import RetrainTrigger
+from tasks import drift, quality
+from tasks.config import QUALITY_DAG_ID, dag_schedule
 
 
 @dag(
@@ -58,7 +62,9 @@ RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['r
     tags=["network-security", "monitoring", "quality", "mlops"],
     template_searchpath=[str(INCLUDE)],
     params={
-        "dataset": Param(None, type=["null", "string"], description="Dataset spec name; default: the Variable's"),
+        "dataset": Param(
+            None, type=["null", "string"], description="Check only this dataset; default: every one with a champion"
+        ),
         "min_labelled_rows": Param(
             None, type=["null", "integer"], minimum=1, description="Fewer labelled rows: skip the check (200)"
         ),
@@ -82,48 +88,44 @@ RETRAIN_CONF = "{{ ti.xcom_pull(task_ids='decide_retraining', key='decision')['r
 )
 def network_security_quality():
     @task(task_id="plan_check")
-    def plan_check_task(params=None, data_interval_end=None, dag_run=None) -> dict:
-        """Settings, quality configuration and the window end of this check."""
-        return runtime.plan(quality.plan_quality_check, params, data_interval_end, dag_run.run_type)
+    def plan_check_task(params=None, data_interval_end=None, dag_run=None) -> list[dict]:
+        """Per dataset to check: the settings, its quality configuration and the window end."""
+        return runtime.quality_plans(params, data_interval_end, dag_run.run_type)
 
     plan = plan_check_task()
 
-    @task
+    @task(map_index_template=MAP_INDEX_TEMPLATE)
     def check_quality(plan: dict, run_id=None) -> dict:
         """Live metrics of the labelled predictions against the holdout; report to S3 and MLflow."""
         check = quality.QualityPlan.from_xcom(plan)
+        label_map_index(check.dataset)
         with runtime.failures():
             return quality.run_check(runtime.s3(check), runtime.store(check), check, run_id)
 
-    @task.branch(task_id="decide_retraining")
+    @task(task_id="decide_retraining", map_index_template=MAP_INDEX_TEMPLATE)
     def decide_retraining(plan: dict, summary: dict, run_id=None, ti=None) -> str:
-        """Retrain rule and storm protection shared with drift; records the check."""
+        """Retrain rule and storm protection shared with drift, for this dataset; records the check."""
         check = quality.QualityPlan.from_xcom(plan)
-        active = runtime.active_training_runs(ti)
+        label_map_index(check.dataset)
+        active = runtime.active_training_runs(ti, check.dataset)
         decision = quality.decide_retraining(runtime.s3(check), runtime.store(check), check, summary, run_id, active)
-        ti.xcom_push(key="decision", value=decision.as_dict())
-        return "trigger_retraining" if decision.trigger else "no_retraining"
+        ti.xcom_push(key="decision", value=drift.decision_xcom(check, decision))
+        return decision.outcome
 
-    trigger_retraining = TriggerDagRunOperator(
-        task_id="trigger_retraining",
-        doc_md="Creates the training run for this quality check (idempotent run id).",
-        trigger_dag_id=TRAINING_DAG_ID,
-        trigger_run_id=RETRAIN_RUN_ID,
-        conf=RETRAIN_CONF,
-        skip_when_already_exists=True,
-        wait_for_completion=False,
-        on_success_callback=alerts.on_retraining_triggered,
-    )
+    # One group per dataset; task ids stay unprefixed (check_quality, ...), each labelled with its dataset.
+    # Exactly one of trigger_retraining and no_retraining runs, the other skips itself.
+    @task_group(group_id="per_dataset", prefix_group_id=False)
+    def per_dataset(plan: dict) -> None:
+        summary = with_links(check_quality(plan), EvidentlyReportLink(), MLflowRunLink())
+        trigger = RetrainTrigger(
+            task_id="trigger_retraining",
+            doc_md="Creates the training run of this dataset's quality check on its training DAG (idempotent run id).",
+            on_success_callback=alerts.on_retraining_triggered,
+        )
+        chain(summary, decide_retraining(plan, summary), [trigger, no_retraining()])
 
-    @task
-    def no_retraining(ti=None) -> dict:
-        """Say why no training run was triggered."""
-        decision = ti.xcom_pull(task_ids="decide_retraining", key="decision")
-        return {"outcome": decision["outcome"], "reason": decision["reason"]}
-
-    summary = with_links(check_quality(plan), EvidentlyReportLink(), MLflowRunLink())
-    chain(plan, ensure_monitoring_store("plan_check"), summary)
-    chain(summary, decide_retraining(plan, summary), [trigger_retraining, no_retraining()])
+    # The plans share their settings (one Variable): the first names the monitoring store.
+    chain(plan, ensure_monitoring_store("plan_check", 0), per_dataset.expand(plan=plan))
 
 
 network_security_quality()

@@ -161,7 +161,9 @@ class Loop:
         row = {"dag": dag_id, "run": shown_as or report.run_id, "state": report.state, "seconds": seconds, "note": note}
         if shown_as:
             row["ran_as"] = report.run_id
-        if not record_quality(self.records, dag_id, report.run_id, row) and dag_id == DRIFT_DAG_ID:
+        if record_quality(self.records, dag_id, report.run_id, self.spec.name, row):
+            pass  # the quality columns are filled in
+        elif dag_id == DRIFT_DAG_ID:
             check = self.records.drift_check(report.run_id, self.spec.name)
             if check and check["max_psi"] is not None:
                 row["psi"] = f"max {check['max_psi']:.3f} / pred {check['prediction_psi']:.3f}"
@@ -333,14 +335,19 @@ class Loop:
 # --- the concept-drift stage: live quality from delayed labels ---------------------------------
 
 
-def record_quality(records: Records, dag_id: str, run_id: str, row: dict[str, Any]) -> bool:
-    """The quality column of a quality DAG run's row (metric before -> after, labelled rows); False for other DAGs."""
+def record_quality(records: Records, dag_id: str, run_id: str, dataset: str, row: dict[str, Any]) -> bool:
+    """The quality column of a quality DAG run's row for ``dataset`` (metric before -> after, labelled rows);
+    False for other DAGs."""
     from tasks import monitoring_store
     from tasks.config import QUALITY_DAG_ID
 
     if dag_id != QUALITY_DAG_ID:
         return False
-    checks = monitoring_store.rows_of_run(records.store, "quality_check_of_run", run_id)
+    checks = [
+        check
+        for check in monitoring_store.rows_of_run(records.store, "quality_check_of_run", run_id)
+        if check["dataset"] == dataset
+    ]
     if not checks:
         return True
     check = checks[0]

@@ -848,6 +848,33 @@ class QualityPlan:
         )
 
 
+def plan_quality_checks(
+    settings: Any,
+    params: dict[str, Any] | None,
+    window_end: dt.datetime,
+    run_type: Any,
+    known_datasets: list[str],
+    has_champion: Any,
+) -> list[QualityPlan]:
+    """One quality check per monitored dataset (``tasks.datasets.monitored_datasets``), as the drift DAG plans.
+
+    Raises:
+        PlanError: An unknown dataset, an invalid override, or no dataset with a champion.
+    """
+    from tasks.datasets import NothingMonitored, monitored_datasets
+    from tasks.plan import PlanError
+
+    params = dict(params or {})
+    try:
+        datasets = monitored_datasets(settings, known_datasets, has_champion, params.get("dataset"))
+    except (NothingMonitored, ValueError) as err:
+        raise PlanError(str(err)) from None
+    return [
+        plan_quality_check(settings, {**params, "dataset": name}, window_end, run_type, known_datasets)
+        for name in datasets
+    ]
+
+
 def plan_quality_check(
     settings: Any,
     params: dict[str, Any] | None,
@@ -861,6 +888,7 @@ def plan_quality_check(
     Raises:
         PlanError: An unknown dataset or an invalid override.
     """
+    from tasks.config import model_name_for
     from tasks.dataset_spec import load_spec
     from tasks.drift import load_drift_config
     from tasks.plan import PlanError, check_dataset
@@ -879,7 +907,7 @@ def plan_quality_check(
     spec = load_spec(settings.dataset)
     plan = QualityPlan(
         dataset=spec.name,
-        model_name=settings.model_name or spec.name,
+        model_name=model_name_for(settings, spec.name),
         raw_prefix=spec.raw_prefix,
         settings=settings,
         config=config,

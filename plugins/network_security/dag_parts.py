@@ -58,3 +58,25 @@ def label_map_index(dataset: str) -> None:
     from airflow.sdk import get_current_context
 
     get_current_context()["dataset"] = dataset  # type: ignore[index]
+
+
+def no_retraining(decide_task_id: str = "decide_retraining") -> Any:
+    """The mapped ``no_retraining`` task of a monitoring DAG: says why not, or skips itself when a run was triggered.
+
+    It skips itself (like ``RetrainTrigger``): a branch in a mapped task group does not skip the
+    other branch's task instance in Airflow 3.3.2.
+    """
+    from airflow.sdk import task
+
+    @task(task_id="no_retraining", map_index_template=MAP_INDEX_TEMPLATE)
+    def no_retraining_task(ti: Any = None) -> dict:
+        """Say why no training run was triggered."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        decision = ti.xcom_pull(task_ids=decide_task_id, key="decision", map_indexes=ti.map_index)
+        label_map_index(decision["dataset"])
+        if decision["trigger"]:
+            raise AirflowSkipException(f"{decision['dataset']}: training run {decision['retrain']['run_id']} triggered")
+        return {"dataset": decision["dataset"], "outcome": decision["outcome"], "reason": decision["reason"]}
+
+    return no_retraining_task()

@@ -49,6 +49,19 @@ def check_plans(params: Mapping[str, Any] | None, window_end: Any, run_type: Any
         return [check.to_xcom() for check in checks]
 
 
+def quality_plans(params: Mapping[str, Any] | None, window_end: Any, run_type: Any) -> list[dict[str, Any]]:
+    """``tasks.quality.plan_quality_checks``: one quality check per onboarded dataset with a champion."""
+    from tasks.dataset_spec import available_datasets
+    from tasks.datasets import champion_lookup
+    from tasks.quality import plan_quality_checks
+
+    with failures():
+        current = settings()
+        has_champion = champion_lookup(current.mlflow_tracking_uri)
+        checks = plan_quality_checks(current, params, window_end, run_type, available_datasets(), has_champion)
+        return [check.to_xcom() for check in checks]
+
+
 def run_plan(values: Mapping[str, Any]) -> RunPlan:
     return RunPlan.from_xcom(values)
 
