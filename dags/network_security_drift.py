@@ -45,6 +45,7 @@ from network_security.links import EvidentlyReportLink, MLflowRunLink, with_link
 from network_security.operators import RetrainTrigger
 from tasks import drift
 from tasks.config import DRIFT_DAG_ID, dag_schedule
+from tasks.plan import plan_checks
 
 
 @dag(
@@ -81,7 +82,7 @@ def network_security_drift():
     @task(task_id="plan_check")
     def plan_check_task(params=None, data_interval_end=None, dag_run=None) -> list[dict]:
         """Per dataset to check: the settings, its drift configuration and the window."""
-        return runtime.check_plans(params, data_interval_end, dag_run.run_type)
+        return runtime.monitoring_plans(plan_checks, params, data_interval_end, dag_run.run_type)
 
     plan = plan_check_task()
 

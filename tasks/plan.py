@@ -334,19 +334,21 @@ def plan_checks(
     window_end: dt.datetime,
     run_type: Any,
     known_datasets: Sequence[str],
-    config_for: Callable[..., DriftConfig],
     has_champion: Callable[[str], bool],
+    config_for: Callable[..., DriftConfig] | None = None,
 ) -> list[CheckPlan]:
     """One drift check per monitored dataset (``tasks.datasets.monitored_datasets``), each with its own config.
 
     Args:
-        config_for: The drift configuration of a dataset, ``config_for(dataset=name)``
-            (``tasks.drift.load_drift_config``: ``include/drift.yaml`` with its overrides).
+        config_for: The drift configuration of a dataset, ``config_for(dataset=name)``; default
+            ``tasks.drift.load_drift_config`` (``include/drift.yaml`` with its overrides).
         has_champion: Whether a registered model has a champion.
 
     Raises:
         PlanError: An unknown dataset, an invalid override, or no dataset with a champion.
     """
+    if config_for is None:
+        from tasks.drift import load_drift_config as config_for
     params = dict(params or {})
     try:
         datasets = monitored_datasets(settings, known_datasets, has_champion, params.get("dataset"))

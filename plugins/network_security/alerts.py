@@ -7,8 +7,7 @@ path, e.g. ``AIRFLOW_CONN_ALERTS_WEBHOOK='{"conn_type": "http", "host": "https:/
 connection: nothing is sent (one debug line). An alert that cannot be delivered is logged
 and never fails the task or changes its state.
 
-The body is JSON with a ``text`` field (what Slack, Teams and Mattermost incoming webhooks
-display) and the structured fields (``event``, ``dag_id``, ``run_id``, ...).
+The payloads (JSON with a ``text`` field and structured fields) are ``tasks/alerts.py``'s.
 """
 
 from __future__ import annotations
@@ -54,60 +53,36 @@ def send(payload: dict[str, Any], conn_id: str | None = None) -> bool:
     return True
 
 
-def failure_payload(context: dict[str, Any]) -> dict[str, Any]:
-    ti = context["ti"]
-    error = context.get("exception")
-    reason = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
-    mapped = getattr(ti, "map_index", -1)  # a mapped task says which one (its dataset, as the DAG labels it)
-    label = getattr(ti, "rendered_map_index", None) or (str(mapped) if mapped not in (-1, None) else "")
-    where = f"{ti.dag_id}.{ti.task_id}" + (f" [{label}]" if label else "")
-    return {
-        "event": "task_failed",
-        "text": f":red_circle: {where} failed in {ti.run_id} (try {ti.try_number}): {reason}"[:3000],
-        "dag_id": ti.dag_id,
-        "task_id": ti.task_id,
-        "map_index": label or None,
-        "run_id": ti.run_id,
-        "try_number": ti.try_number,
-        "error": reason[:2000],
-        "log_url": getattr(ti, "log_url", None),
-    }
-
-
 def on_task_failure(context: dict[str, Any]) -> None:
     """``on_failure_callback`` of every task: runs once the retries are used up."""
-    send(failure_payload(context))
+    from tasks.alerts import task_failed
+
+    ti = context["ti"]
+    mapped = getattr(ti, "map_index", -1)
+    label = getattr(ti, "rendered_map_index", None) or (str(mapped) if mapped not in (-1, None) else "")
+    send(
+        task_failed(
+            dag_id=ti.dag_id,
+            task_id=ti.task_id,
+            run_id=ti.run_id,
+            try_number=ti.try_number,
+            error=context.get("exception"),
+            map_label=label,
+            log_url=getattr(ti, "log_url", None),
+        )
+    )
 
 
 def on_retraining_triggered(context: dict[str, Any]) -> None:
     """``on_success_callback`` of the drift and quality DAGs' ``trigger_retraining``: a retrain triggered."""
+    from tasks.alerts import drift_retraining
+    from tasks.quality import retraining_alert
+
     ti = context["ti"]
     decision = ti.xcom_pull(task_ids="decide_retraining", key="decision", map_indexes=ti.map_index) or {}
-    summary = ti.xcom_pull(task_ids="check_drift", map_indexes=ti.map_index) or {}
-    retrain = decision.get("retrain") or {}
-    conf = retrain.get("conf") or {}
-    if not summary:  # the quality DAG: the payload is the shared one's (tasks.quality)
-        from tasks.quality import retraining_alert
-
-        send(retraining_alert(ti.dag_id, ti.run_id, ti.xcom_pull(task_ids="check_quality") or {}, retrain))
-        return
-    send(
-        {
-            "event": "drift_retraining_triggered",
-            "text": (
-                f":warning: drift on {conf.get('dataset')} ({summary.get('champion', {}).get('model_name')} "
-                f"v{summary.get('champion', {}).get('model_version')}): {conf.get('reason')}; "
-                f"training run {retrain.get('run_id')} of {decision.get('training_dag_id')} triggered"
-            ),
-            "dag_id": ti.dag_id,
-            "run_id": ti.run_id,
-            "dataset": conf.get("dataset"),
-            "training_dag_id": decision.get("training_dag_id"),
-            "training_run_id": retrain.get("run_id"),
-            "max_psi": summary.get("max_psi"),
-            "prediction_psi": summary.get("prediction_psi"),
-            "drifted_features": summary.get("drifted_features"),
-            "report_url": summary.get("report_url"),
-            "reason": conf.get("reason"),
-        }
-    )
+    drift = ti.xcom_pull(task_ids="check_drift", map_indexes=ti.map_index)
+    if drift:
+        send(drift_retraining(ti.dag_id, ti.run_id, decision, drift))
+    else:  # the quality DAG
+        summary = ti.xcom_pull(task_ids="check_quality", map_indexes=ti.map_index) or {}
+        send(retraining_alert(ti.dag_id, ti.run_id, summary, decision.get("retrain") or {}))

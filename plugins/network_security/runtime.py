@@ -33,33 +33,18 @@ def plan(build: Callable[..., RunPlan | CheckPlan], *args: Any, **kwargs: Any) -
         return build(settings(), *args, known_datasets=available_datasets(), **kwargs).to_xcom()
 
 
-def check_plans(params: Mapping[str, Any] | None, window_end: Any, run_type: Any) -> list[dict[str, Any]]:
-    """``tasks.plan.plan_checks``: one check per onboarded dataset with a champion, each with its drift config."""
+def monitoring_plans(
+    build: Callable[..., list], params: Mapping[str, Any] | None, window_end: Any, run_type: Any
+) -> list:
+    """``build`` (``tasks.plan.plan_checks``, ``tasks.quality.plan_quality_checks``): one check per onboarded
+    dataset with a champion, as XCom; bad input fails the task without retries."""
     from tasks.dataset_spec import available_datasets
     from tasks.datasets import champion_lookup
-    from tasks.drift import load_drift_config
-    from tasks.plan import plan_checks
 
     with failures():
         current = settings()
         has_champion = champion_lookup(current.mlflow_tracking_uri)
-        checks = plan_checks(
-            current, params, window_end, run_type, available_datasets(), load_drift_config, has_champion
-        )
-        return [check.to_xcom() for check in checks]
-
-
-def quality_plans(params: Mapping[str, Any] | None, window_end: Any, run_type: Any) -> list[dict[str, Any]]:
-    """``tasks.quality.plan_quality_checks``: one quality check per onboarded dataset with a champion."""
-    from tasks.dataset_spec import available_datasets
-    from tasks.datasets import champion_lookup
-    from tasks.quality import plan_quality_checks
-
-    with failures():
-        current = settings()
-        has_champion = champion_lookup(current.mlflow_tracking_uri)
-        checks = plan_quality_checks(current, params, window_end, run_type, available_datasets(), has_champion)
-        return [check.to_xcom() for check in checks]
+        return [c.to_xcom() for c in build(current, params, window_end, run_type, available_datasets(), has_champion)]
 
 
 def run_plan(values: Mapping[str, Any]) -> RunPlan:

@@ -171,7 +171,7 @@ def checks(params=None, champions=("network_security", "intrusion_flows"), setti
     def config_for(dataset):
         return DriftConfig(psi_threshold=0.1) if dataset == "intrusion_flows" else DriftConfig()
 
-    return plan_checks(settings, params, END, "scheduled", KNOWN, config_for, lambda model: model in champions)
+    return plan_checks(settings, params, END, "scheduled", KNOWN, lambda model: model in champions, config_for)
 
 
 def test_one_check_per_dataset_with_a_champion_each_with_its_configuration():
@@ -194,8 +194,8 @@ def test_one_check_per_dataset_with_a_champion_each_with_its_configuration():
 
 def test_a_renamed_model_is_looked_up_for_its_own_dataset_only():
     asked = []
-    plan_checks(SETTINGS.replace(model_name="ns_test"), {}, END, "manual", KNOWN, lambda dataset: DriftConfig(),
-                lambda model: asked.append(model) or True)  # fmt: skip
+    plan_checks(SETTINGS.replace(model_name="ns_test"), {}, END, "manual", KNOWN,
+                lambda model: asked.append(model) or True, lambda dataset: DriftConfig())  # fmt: skip
     assert sorted(asked) == ["intrusion_flows", "ns_test"]
 
 

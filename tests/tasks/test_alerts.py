@@ -1,0 +1,38 @@
+"""The alert payloads (tasks/alerts.py), without Airflow."""
+
+from __future__ import annotations
+
+from tasks import alerts
+
+
+def test_a_failed_mapped_task_names_its_dataset_and_the_error():
+    payload = alerts.task_failed(
+        dag_id="network_security_drift",
+        task_id="check_drift",
+        run_id="scheduled__1",
+        try_number=3,
+        error=ValueError("bucket 'raw' does not exist"),
+        map_label="intrusion_flows",
+    )
+    assert payload["event"] == "task_failed" and payload["map_index"] == "intrusion_flows"
+    assert payload["text"].startswith(":red_circle: network_security_drift.check_drift [intrusion_flows] failed")
+    assert payload["error"] == "ValueError: bucket 'raw' does not exist"
+
+
+def test_an_unmapped_failure_without_an_exception_says_so_and_long_errors_are_cut():
+    plain = alerts.task_failed(dag_id="d", task_id="t", run_id="r", try_number=1, error=None)
+    assert plain["map_index"] is None and "[" not in plain["text"] and plain["error"] == "unknown error"
+    long = alerts.task_failed(dag_id="d", task_id="t", run_id="r", try_number=1, error=RuntimeError("x" * 5000))
+    assert len(long["error"]) == 2000 and len(long["text"]) == 3000
+
+
+def test_a_drift_retrain_names_the_dataset_its_training_dag_and_the_psi():
+    decision = {
+        "training_dag_id": "intrusion_flows_training",
+        "retrain": {"run_id": "drift__intrusion_flows__x", "conf": {"dataset": "intrusion_flows", "reason": "PSI 0.7"}},
+    }
+    summary = {"champion": {"model_name": "intrusion_flows", "model_version": "4"}, "max_psi": 0.7}
+    payload = alerts.drift_retraining("network_security_drift", "scheduled__1", decision, summary)
+    assert payload["dataset"] == "intrusion_flows" and payload["training_run_id"] == "drift__intrusion_flows__x"
+    assert "intrusion_flows v4" in payload["text"] and "of intrusion_flows_training triggered" in payload["text"]
+    assert payload["max_psi"] == 0.7
