@@ -182,6 +182,16 @@ def training_params(dataset: str) -> dict[str, Param]:
         "drift_report_uri": Param(None, type=["null", "string"], description="Evidently report behind a drift run"),
         "max_psi": Param(None, type=["null", "number"], description="Largest PSI seen by the drift check"),
         "drifted_features": Param([], type="array", description="Features past the PSI threshold"),
+        "quality": Param(
+            None,
+            type=["null", "object"],
+            description="The live-quality drop behind a quality run (metric, labelled rows)",
+        ),
+        "feedback": Param(
+            None,
+            type=["null", "object"],
+            description="Labelled feedback partitions a quality-triggered run adds to its training data",
+        ),
         "force_gate": Param(
             None, type=["null", "string"], enum=[None, "promote", "reject"], description="Override the gate"
         ),

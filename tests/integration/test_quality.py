@@ -77,7 +77,7 @@ def serve_and_label(local_stack, version: str, hour: dt.datetime, rows: int, see
 
 def check(when: dt.datetime, **params):
     report = run_dag(QUALITY_DAG_ID, when, conf=params)
-    return report, report.outputs.get("decide_retraining:decision")
+    return report, report.outputs.get("decide_retraining[network_security]:decision")
 
 
 def rows(local_stack, table: str) -> list[dict]:
@@ -97,8 +97,8 @@ def test_too_few_labels_skips_the_check_with_the_reason(champion_v1, local_stack
     report, decision = check(day(2))
 
     assert report.succeeded, report.task_states
-    assert report.task_states["check_quality"] == "skipped" and decision is None
-    assert report.task_states["trigger_retraining"] == "skipped"
+    assert report.task_states["check_quality[network_security]"] == "skipped" and decision is None
+    assert report.task_states["trigger_retraining[network_security]"] == "skipped"
     row = rows(local_stack, "quality_check")[-1]
     assert row["decision"] == "skipped" and row["window_end"].startswith(f"{day(2):%Y-%m-%d}T00:00")
     assert "champion v1: 50 labelled rows (minimum 200)" in row["reason"] and "too little truth" in row["reason"]
@@ -111,14 +111,14 @@ def test_calm_feedback_no_trigger(champion_v1, s3, local_stack):
 
     assert report.succeeded, report.task_states
     assert decision["outcome"] == "no_quality" and not decision["trigger"]
-    summary = report.outputs["check_quality"]
+    summary = report.outputs["check_quality[network_security]"]
     assert summary["labelled_rows"] == 850 and not summary["degraded"]
     assert summary["live_metric"] > summary["holdout_metric"] - 0.05
     for uri in (summary["report_uri"], summary["summary_uri"]):
         bucket, key = uri.removeprefix("s3://").split("/", 1)
         assert key.startswith(f"quality/network_security/{report.run_id.replace(':', '_').replace('+', '_')}/")
         assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
-    assert report.outputs["check_quality:_link_MLflowRunLink"] == summary["mlflow_run_url"]
+    assert report.outputs["check_quality[network_security]:_link_MLflowRunLink"] == summary["mlflow_run_url"]
     assert quality_runs_queued() == []
     assert rows(local_stack, "quality_check")[-1]["decision"] == "no_quality"
 
@@ -128,17 +128,17 @@ def test_concept_drift_below_the_psi_threshold_triggers_one_run_naming_quality(c
     serve_and_label(local_stack, "1", day(2, 10), rows=1000, seed=302, knob=CONCEPT)
 
     drift_report = run_dag(DRIFT_DAG_ID, day(2, 11), conf={"window_hours": 3})
-    assert drift_report.outputs["check_drift"]["max_psi"] < 0.25  # PSI cannot see it
-    assert drift_report.outputs["decide_retraining:decision"]["outcome"] == "no_drift"
+    assert drift_report.outputs["check_drift[network_security]"]["max_psi"] < 0.25  # PSI cannot see it
+    assert drift_report.outputs["decide_retraining[network_security]:decision"]["outcome"] == "no_drift"
 
     report, decision = check(day(3))
 
     assert report.succeeded, report.task_states
-    assert decision["outcome"] == "retrain" and report.task_states["trigger_retraining"] == "success"
+    assert decision["outcome"] == "retrain" and report.task_states["trigger_retraining[network_security]"] == "success"
     (run,) = quality_runs_queued()
     assert run["run_id"] == f"quality__network_security__{day(3):%Y-%m-%dT%H:%M:%S}"
     conf = run["conf"]
-    summary = report.outputs["check_quality"]
+    summary = report.outputs["check_quality[network_security]"]
     assert conf["signals"] == ["quality"] and conf["ds"] == f"{day(2):%Y-%m-%d}"
     assert conf["reason"].startswith("quality: v1 degraded on 1,000 labelled rows:") and "roc_auc 0." in conf["reason"]
     assert conf["quality"]["before"] - conf["quality"]["after"] >= 0.05
@@ -184,7 +184,7 @@ def test_the_triggered_run_learns_from_the_feedback_and_quality_recovers(local_s
     # v2 learned the new concept: its live quality on the same kind of traffic is back.
     serve_and_label(local_stack, "2", day(3, 10), rows=800, seed=303, knob=CONCEPT)
     check_report, decision = check(day(4))
-    summary = check_report.outputs["check_quality"]
+    summary = check_report.outputs["check_quality[network_security]"]
     assert summary["champion_version"] == "2" and decision["outcome"] == "no_quality"
     assert summary["live_metric"] > summary["holdout_metric"] - 0.05
 
@@ -193,7 +193,7 @@ def test_drift_and_quality_together_start_one_run_naming_both(local_stack):
     # The old concept is back and the inputs drift: both checks see it.
     serve_and_label(local_stack, "2", day(4, 1), rows=800, seed=304, knob=DriftKnob(feature_drift=1.0))
     drift_report = run_dag(DRIFT_DAG_ID, day(4, 3), conf={"window_hours": 3, "cooldown_minutes": 100_000})
-    drift_decision = drift_report.outputs["decide_retraining:decision"]
+    drift_decision = drift_report.outputs["decide_retraining[network_security]:decision"]
     assert drift_decision["outcome"] == "cooldown" and drift_decision["signals"] == ["drift"]
 
     report, decision = check(day(5), cooldown_minutes=0)
