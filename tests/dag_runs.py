@@ -40,9 +40,17 @@ def run_dag(
     with create_session() as session:
         dag_run = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == report.run_id).one()
         instances = dag_run.get_task_instances(session=session)
-        labels = {
-            ti.map_index: ti.rendered_map_index for ti in instances if ti.map_index >= 0 and ti.rendered_map_index
-        }
+        rows = session.scalars(XComModel.get_many(run_id=report.run_id, dag_ids=dag_id)).all()
+        # A mapped group expanded over a list of per-dataset plans: index i is plans[i]["dataset"]; a label a task
+        # rendered wins (a task instance that never ran, or skipped, may have none).
+        labels: dict[int, str] = {}
+        for row in rows:
+            value = XComModel.deserialize_value(row) if row.map_index < 0 and row.key == "return_value" else None
+            if isinstance(value, list) and value and all(isinstance(v, dict) and "dataset" in v for v in value):
+                labels.update(enumerate(v["dataset"] for v in value))
+        for ti in instances:
+            if ti.map_index >= 0 and ti.rendered_map_index not in (None, "", str(ti.map_index)):
+                labels[ti.map_index] = ti.rendered_map_index
 
         def named(task_id: str, map_index: int) -> str:
             return task_id if map_index < 0 else f"{task_id}[{labels.get(map_index, map_index)}]"
@@ -50,7 +58,7 @@ def run_dag(
         states = {named(ti.task_id, ti.map_index): str(ti.state) for ti in instances}
         ranks = {task_id: rank for rank, task_id in enumerate(order)}
         run.task_states = dict(sorted(states.items(), key=lambda item: (ranks.get(item[0].split("[")[0], 0), item[0])))
-        for row in session.scalars(XComModel.get_many(run_id=report.run_id, dag_ids=dag_id)).all():
+        for row in rows:
             name = named(row.task_id, row.map_index)
             name = name if row.key == "return_value" else f"{name}:{row.key}"
             run.outputs[name] = XComModel.deserialize_value(row)
