@@ -38,6 +38,10 @@ TARGETS = ("local", "ec2")
 CONTAINER_PORT = 8000
 
 
+# ecr, ec2, smoke, cloudwatch are read here; approval, shadow, canary, release by tasks.release.
+SECTIONS = ("ecr", "ec2", "smoke", "cloudwatch", "approval", "shadow", "canary", "release")
+
+
 class DeployFailed(RuntimeError):
     """A release could not be shipped or did not pass its checks; the message says where."""
 
@@ -91,10 +95,22 @@ class SmokeConfig:
 
 
 @dataclass(frozen=True)
+class CloudWatchConfig:
+    namespace: str = "NetworkSecurity/Serving"
+    period_seconds: int = 60
+    evaluation_periods: int = 1
+
+    def __post_init__(self) -> None:
+        if self.period_seconds < 10 or self.evaluation_periods < 1:
+            raise ValueError("cloudwatch.period_seconds must be >= 10 and cloudwatch.evaluation_periods >= 1")
+
+
+@dataclass(frozen=True)
 class DeployConfig:
     ecr: EcrConfig = field(default_factory=EcrConfig)
     ec2: Ec2Config = field(default_factory=Ec2Config)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
+    cloudwatch: CloudWatchConfig = field(default_factory=CloudWatchConfig)
 
 
 def load_deploy_config(path: Path = DEPLOY_CONFIG) -> DeployConfig:
@@ -102,9 +118,9 @@ def load_deploy_config(path: Path = DEPLOY_CONFIG) -> DeployConfig:
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping with sections ecr, ec2, smoke; got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"ecr", "ec2", "smoke"})
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; known: ecr, ec2, smoke")
+        raise ValueError(f"{path}: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
     try:
         ec2 = dict(raw.get("ec2") or {})
         if "slot_ports" in ec2:
@@ -117,6 +133,7 @@ def load_deploy_config(path: Path = DEPLOY_CONFIG) -> DeployConfig:
             ecr=EcrConfig(**(raw.get("ecr") or {})),
             ec2=Ec2Config(**ec2),
             smoke=SmokeConfig(**(raw.get("smoke") or {})),
+            cloudwatch=CloudWatchConfig(**(raw.get("cloudwatch") or {})),
         )
     except (TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: {err}") from err
