@@ -61,7 +61,7 @@ def network_security_deploy():
             return delivery.choose_release(runtime.run_plan(plan), run_id)
 
     plan = plan_run()
-    chain(plan, ensure_monitoring_store(), choose_release(plan), deploy_group(plan, rollback_on_failure=False))
+    chain(plan, ensure_monitoring_store(), choose_release(plan), deploy_group(plan))
 
 
 network_security_deploy()

@@ -17,12 +17,11 @@ gate against the current champion.
 | `train` | candidates (`include/training.yaml`) compared by CV, each a nested MLflow run; the best (preprocessing + estimator, skops) registered as alias `challenger` | run id, version |
 | `evaluate` | challenger and champion scored on the same test split; metrics, plots and model card logged to the run | decision + reasons |
 | `gate` | branches on the decision (rule in `include/training.yaml`: floor and tolerance on the primary metric) | |
-| `promote_champion` | `champion` -> challenger, `previous_champion` -> old champion, row in the promotion log | aliases |
 | `keep_champion` | leaves both aliases untouched, logs the reasons, row in the promotion log | reasons |
-| `deploy.*` | only after a promotion: serving image in ECR, blue/green rollout on the tagged EC2 fleet via SSM, the local model server reloaded, smoke test, deployment log; on any failure `deploy.rollback` moves `champion` back to `previous_champion` on every target and fails the run | image URI, instance ids, URL |
+| `release.*` | the gate's candidate on live evidence (`include/deploy.yaml`): optional human approval (`approve_release`), image in ECR, the candidate beside the baseline (`deploy_candidate`), `shadow`, `canary_10/50/100` (reschedule sensors reading live metrics), `complete` moves `champion` (compare-and-swap, pool `aliases`); a failed stage runs `abort` (weight 0, baseline serves, champion untouched, logged, alerted); `outcome` says what happened | verdicts, outcome |
 
 Bad data fails fast (no retries) and is quarantined; infrastructure errors (S3, MLflow)
-are retried. A rejected challenger ends the run successfully with `promote_champion` skipped.
+are retried. A rejected challenger ends the run successfully with `release.*` skipped; `champion` moves only in `release.complete`.
 
 **Trigger**: daily by schedule (`NS_SCHEDULE_NETWORK_SECURITY_TRAINING`), manually, or by the drift DAG. Params (all optional):
 `ds` (default: the logical date), `dataset`, `window_days` (train on the last N days),
@@ -42,9 +41,9 @@ from airflow.sdk import Param, chain, dag, task
 
 from network_security import assets, runtime
 from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store, from_plan
-from network_security.delivery import deploy_group
 from network_security.links import MLflowRunLink, with_links
 from network_security.operators import SnapshotValidationOperator
+from network_security.release import release_group
 from tasks import pipeline
 from tasks.config import TRAINING_DAG_ID, dag_schedule
 from tasks.plan import plan_run
@@ -144,16 +143,8 @@ def network_security_training():
 
     @task.branch
     def gate(evaluation: dict) -> str:
-        """Promote only what passed the rule (or an explicit, logged override)."""
-        return "promote_champion" if evaluation["promote"] else "keep_champion"
-
-    @task(outlets=[assets.CHAMPION])
-    def promote_champion(plan: dict, evaluation: dict, run_id=None, outlet_events=None) -> dict:
-        """Move champion to the challenger, previous_champion to the old champion; log it."""
-        run = runtime.run_plan(plan)
-        promoted = pipeline.promote(run, runtime.store(run), evaluation, run_id)
-        outlet_events[assets.CHAMPION].extra = pipeline.champion_event(run, promoted, evaluation)
-        return promoted
+        """A challenger that passed the rule (or an explicit, logged override) becomes a release candidate."""
+        return "release.candidate" if evaluation["promote"] else "keep_champion"
 
     @task
     def keep_champion(plan: dict, evaluation: dict, run_id=None) -> dict:
@@ -168,9 +159,8 @@ def network_security_training():
     evaluation = with_links(evaluate(plan, features, training, validation_uri), MLflowRunLink())
     chain(plan, [ensure_store, wait_for_drop])
     chain(wait_for_drop, ingest(plan), validate, features)
-    promoted = promote_champion(plan, evaluation)
-    chain(evaluation, gate(evaluation), [promoted, keep_champion(plan, evaluation)])
-    chain(promoted, deploy_group(plan))
+    released = release_group(plan, evaluation)
+    chain(evaluation, gate(evaluation), [released, keep_champion(plan, evaluation)])
     chain(ensure_store, evaluation)
 
 

@@ -38,8 +38,8 @@ TARGETS = ("local", "ec2")
 CONTAINER_PORT = 8000
 
 
-# ecr, ec2, smoke, cloudwatch are read here; approval, shadow, canary, release by tasks.release.
-SECTIONS = ("ecr", "ec2", "smoke", "cloudwatch", "approval", "shadow", "canary", "release")
+# ecr, ec2, smoke, cloudwatch are read here; approval, shadow, canary by tasks.release.
+SECTIONS = ("ecr", "ec2", "smoke", "cloudwatch", "approval", "shadow", "canary")
 
 
 class DeployFailed(RuntimeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import sys
 from collections.abc import Mapping
@@ -80,6 +81,9 @@ def serving_environment(
         # /admin/* takes its own key (the server refuses to start when it equals API_KEY).
         "ADMIN_API_KEY": admin_api_key,
         "PREDICTION_LOG_BUCKET": prediction_log_bucket,
+        # Off by default: NS_SERVING_FAULT_INJECTION=true lets a release ask for a faulty candidate
+        # (the `release_fault` run conf: `make run`'s deliberately bad release, the abort tests).
+        "FAULT_INJECTION": "true" if os.environ.get("NS_SERVING_FAULT_INJECTION") == "true" else "false",
         **{AWS_ENVIRONMENT[k]: str(v) for k, v in aws_options.items() if v and k in AWS_ENVIRONMENT},
     }
 
@@ -197,6 +201,26 @@ class LocalServer:
             time.sleep(float(response.headers.get("Retry-After", 1)))
         if response.status_code != 200:
             raise LocalServerError(f"{self.url}/admin/reload answered {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 300.0) -> dict:
+        """An admin call (release control) with the server's admin key; a 409 (busy) is waited out."""
+        import time
+
+        import httpx
+
+        headers = {"X-API-Key": self.environment.get("ADMIN_API_KEY", "")}
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = httpx.request(method, f"{self.url}{path}", headers=headers, json=body, timeout=timeout)
+            except httpx.HTTPError as err:
+                raise LocalServerError(f"cannot reach {self.url}{path}: {err}") from err
+            if response.status_code != 409 or "Retry-After" not in response.headers or time.monotonic() > deadline:
+                break
+            time.sleep(float(response.headers.get("Retry-After", 1)))
+        if response.status_code != 200:
+            raise LocalServerError(f"{method} {self.url}{path} answered {response.status_code}: {response.text[:300]}")
         return response.json()
 
     def stop(self) -> str:

@@ -127,7 +127,6 @@ class ReleaseConfig:
     approval: ApprovalConfig = field(default_factory=ApprovalConfig)
     shadow: ShadowConfig = field(default_factory=ShadowConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
-    poke_seconds: float = 5.0
 
 
 def _check_insufficient(stage: str, value: str) -> None:
@@ -143,7 +142,7 @@ def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def parse_release_config(raw: Mapping[str, Any], source: str = "deploy config") -> ReleaseConfig:
-    """The release sections (``approval``, ``shadow``, ``canary``, ``release``) of the deploy config.
+    """The release sections (``approval``, ``shadow``, ``canary``) of the deploy config.
 
     ``approval`` is ``auto`` | ``manual``, or a mapping ``{default, datasets: {name: mode}, timeout_minutes}``.
     A bad value fails naming the file, the key and what is allowed.
