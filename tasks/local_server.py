@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass

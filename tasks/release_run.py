@@ -32,9 +32,13 @@ class ReleaseTargetFailed(deploy.DeployFailed):
     """A target did not do what the release asked (an SSM command failed, the server refused)."""
 
 
-def candidate(plan: RunPlan, evaluation: Mapping[str, Any], dag_run_id: str) -> dict[str, Any]:
+def candidate(plan: RunPlan, store: Store, evaluation: Mapping[str, Any], dag_run_id: str) -> dict[str, Any]:
     """The gate passed: the challenger is the release's candidate; ``baseline_version`` is the champion the
-    run read (the compare-and-swap's expected value when ``champion`` moves at the end)."""
+    run read (the compare-and-swap's expected value when ``champion`` moves at the end). The gate's
+    decision goes to the promotion log now; the release's end overwrites it (``release_aborted``, ...)."""
+    from tasks.pipeline import record_decision
+
+    record_decision(plan, store, evaluation, dag_run_id)
     info = registry.release_info(
         tracking_uri=plan.settings.mlflow_tracking_uri, model_name=plan.model_name, alias="challenger"
     )
@@ -84,7 +88,8 @@ def deploy_candidate(
     version = chosen["candidate_version"]
     if server is not None:
         process = server.ensure_started()
-        served = server.reload()
+        # The first release has no baseline: the server serves nothing until ``complete`` reloads it.
+        served = {"new_version": None} if chosen["first_release"] else server.reload()
         out["local"] = {"url": server.url, "process": process, "baseline_version": served["new_version"]}
         out["targets"].append("local")
         if served["new_version"] != chosen["baseline_version"]:
@@ -124,8 +129,10 @@ def shadow_poke(
                                                           "mode": "shadow"})  # fmt: skip
         local = release.shadow_verdict(report, config, now)
     if "ec2" in deployed["targets"]:
+        # nginx mirrors to the idle slot; the candidate's alarms watch the canary role, judged from the canary on.
         _ec2_command(plan, ssm, deployed["ec2"], "mirror", chosen["candidate_version"], region, arg="on")
-        alarms = release.alarm_verdict(deploy.alarm_states(cloudwatch, deployed["ec2"]["alarms"]))
+        if local is None:
+            local = release.verdict(release.PASS, ["shadow: mirrored on the fleet (judged locally, if served)"], {})
     return release.combine(local, alarms)
 
 
@@ -197,9 +204,6 @@ def complete(
     outcome = {"outcome": "completed", "stage": "complete", "reasons": [f"v{version} passed every stage"],
                "metrics": dict(stages)}  # fmt: skip
     monitoring_store.write(store, "deployment_log", _rows(chosen, deployed, "deployed", outcome, version, "release"))
-    from tasks.pipeline import record_decision
-
-    record_decision(plan, store, evaluation, chosen["dag_run_id"])
     registry.record_release(tracking_uri=plan.settings.mlflow_tracking_uri, run_id=chosen["run_id"], outcome=outcome)
     return {**aliases, **outcome}
 
@@ -207,6 +211,7 @@ def complete(
 def abort(
     plan: RunPlan, store: Store, chosen: Mapping[str, Any], deployed: Mapping[str, Any] | None,
     failed_stage: str, stage_verdict: Mapping[str, Any] | None, *, server: LocalServer | None, ssm: Any, region: str,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Weight 0 on every target, the baseline serves; champion untouched; the decision and the metrics logged."""
     deployed = deployed or {"targets": []}
@@ -232,6 +237,11 @@ def abort(
         if results.get(row["target"], "").startswith("rollback_failed"):
             row["status"] = "rollback_failed"
     monitoring_store.write(store, "deployment_log", rows)
+    if evaluation is not None:
+        from tasks.pipeline import record_decision
+
+        logged = {**evaluation, "decision": "release_aborted", "reasons": [*evaluation["reasons"], *outcome["reasons"]]}
+        record_decision(plan, store, logged, chosen["dag_run_id"])
     registry.record_release(tracking_uri=plan.settings.mlflow_tracking_uri, run_id=chosen["run_id"], outcome=outcome)
     log.error("release of v%s aborted at %s: %s", chosen["candidate_version"], failed_stage, outcome["reasons"])
     return outcome

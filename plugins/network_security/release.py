@@ -43,13 +43,15 @@ def _stage_result(stage: str, verdict: dict, ti: Any) -> PokeReturnValue:
 
 def release_group(plan: Any, evaluation: Any, *, steps: tuple[int, ...] = (10, 50, 100)) -> TaskGroup:
     """Build the ``release`` group after the gate's ``promote`` branch (``candidate`` is its first task)."""
+    evaluation_task_id = evaluation.operator.task_id
     stage_ids = ["shadow", *[f"canary_{p}" for p in steps]]
     with TaskGroup(GROUP_ID, tooltip="Candidate -> approval -> shadow -> canary steps -> champion") as group:
 
         @task(task_id="candidate")
         def candidate(plan: dict, evaluation: dict, run_id=None) -> dict:
             """The gate passed: the challenger is a candidate (champion unchanged until the release completes)."""
-            return release_run.candidate(runtime.run_plan(plan), evaluation, run_id)
+            run = runtime.run_plan(plan)
+            return release_run.candidate(run, runtime.store(run), evaluation, run_id)
 
         @task.branch(task_id="route_approval")
         def route_approval(chosen: dict) -> str:
@@ -139,14 +141,19 @@ def release_group(plan: Any, evaluation: Any, *, steps: tuple[int, ...] = (10, 5
         def abort(plan: dict, run_id=None, ti=None) -> dict:
             """A stage failed: weight 0 on every target, the baseline serves, champion untouched; logged, alerted."""
             chosen, deployed = (ti.xcom_pull(task_ids=f"{GROUP_ID}.{t}") for t in ("candidate", "deploy_candidate"))
+            if chosen is None:  # the run failed before the release: nothing to abort (its own failure stands)
+                from airflow.sdk.exceptions import AirflowSkipException
+
+                raise AirflowSkipException("no release candidate: nothing was deployed, nothing to abort")
             run = runtime.run_plan(plan)
             stage, verdict = release_run.first_abort(
                 [ti.xcom_pull(task_ids=f"{GROUP_ID}.{t}", key="abort_verdict") for t in stage_ids]
             )
             server, ssm, _, region = _targets(run)
             outcome = release_run.abort(
-                run, runtime.store(run), chosen, deployed, stage, verdict, server=server, ssm=ssm, region=region
-            )
+                run, runtime.store(run), chosen, deployed, stage, verdict, server=server, ssm=ssm, region=region,
+                evaluation=ti.xcom_pull(task_ids=evaluation_task_id),
+            )  # fmt: skip
             alerts.send({"event": "release_aborted", "text": f"{run.model_name} v{chosen['candidate_version']}: "
                          f"{'; '.join(outcome['reasons'])}", "dag_run_id": run_id, **outcome})  # fmt: skip
             return outcome

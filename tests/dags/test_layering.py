@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("airflow.models", "airflow.utils.session", "airflow.sdk.execution_time")
-PLUGIN_BUDGET = 800  # lines of plugins/network_security/*.py: adapters only (the release group: +160)
+PLUGIN_BUDGET = 820  # lines of plugins/network_security/*.py: adapters only (the release group: +160)
 
 
 def python_files(*folders: str) -> list[Path]:
