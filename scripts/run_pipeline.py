@@ -8,7 +8,14 @@
    its conf), promotes and deploys a new champion;
 4. send drifted traffic to the new champion; a last drift check finds no drift against
    its reference (the drifted snapshot it was trained on);
-5. print a table of every DAG run, PSI, decisions, champion versions and report locations.
+5. a deliberately bad release: a forced challenger whose candidate answers 5xx (the documented,
+   off-by-default fault injection, switched on for ``make run``) is aborted at its first canary
+   step and rolled back automatically while the champion keeps serving;
+6. print a table of every DAG run, PSI, decisions, each release's stages (shadow agreement,
+   each canary step's metrics), champion versions and report locations.
+
+Every training run that releases does so under live traffic (a background client), so its
+shadow and canary stages are judged on evidence.
 
 What it prints comes from where the runs recorded it: the monitoring store (gate decisions,
 deployments, drift checks, triggered retrains), MLflow, the S3 manifests, and Airflow's CLI
@@ -101,6 +108,71 @@ class Records:
         return mlflow_artifact_url(tracking, runs[0].info.run_id, "drift/report.html") if runs else None
 
 
+class LiveTraffic:
+    """Small batches sent to the served model on a background thread while a training run releases:
+    its shadow and canary stages are judged on live traffic (nothing is sent when nothing is served)."""
+
+    def __init__(self, loop: Loop | None) -> None:
+        import threading
+
+        self.loop, self.stop, self.thread = loop, threading.Event(), None
+
+    def _send(self) -> None:
+        from tasks.traffic import send_traffic
+
+        seed = 1000
+        while not self.stop.is_set():
+            try:
+                send_traffic(self.loop.url, self.loop.api_key, self.loop.spec, 40, seed=seed, batch_size=2)
+            except Exception:  # noqa: BLE001 - the server restarting or refusing: try again shortly
+                time.sleep(0.5)
+            seed += 1
+
+    def __enter__(self) -> LiveTraffic:
+        import threading
+
+        if self.loop is not None and served_version(self.loop.url, self.loop.api_key):
+            self.thread = threading.Thread(target=self._send, name="live-traffic", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(30)
+
+
+def release_lines(deployments: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The release's stages as the deployment log recorded them (local target's row: the served metrics)."""
+    rows = [r for r in deployments if r["action"] in ("release", "rollback") and r["detail"].startswith("{")]
+    row = next((r for r in rows if r["target"] == "local"), rows[0] if rows else None)
+    if row is None:
+        return []
+    detail = json.loads(row["detail"])
+    if detail.get("outcome") == "aborted":
+        metrics = detail.get("metrics") or {}
+        shown = ", ".join(
+            f"{k} {v}"
+            for k, v in metrics.items()
+            if k in ("candidate_requests", "candidate_5xx", "candidate_5xx_rate", "candidate_p99_ms")
+        )
+        return [(f"release ABORTED at {detail['stage']}", "; ".join(detail.get("reasons") or [])),
+                ("  metrics that tripped", shown), ("  rolled back", json.dumps(detail.get("targets")))]  # fmt: skip
+    lines = []
+    for stage, verdict in (detail.get("metrics") or {}).items():
+        metrics, status = (verdict or {}).get("metrics") or {}, (verdict or {}).get("status")
+        if stage == "shadow" and "agreement" in metrics:
+            text = f"{status}: agreement {metrics['agreement']}, score PSI {metrics['score_psi']}, " \
+                f"p99 {metrics['candidate_p99_ms']} ms, {metrics['shadowed_rows']} rows"  # fmt: skip
+        elif "candidate_requests" in metrics:
+            text = f"{status}: {metrics['candidate_requests']} requests, 5xx {metrics['candidate_5xx']}, " \
+                f"p99 {metrics['candidate_p99_ms']} ms (baseline {metrics['baseline_p99_ms']}), PSI {metrics['score_psi']}"  # fmt: skip
+        else:
+            text = f"{status}: {'; '.join((verdict or {}).get('reasons') or [])}"
+        lines.append((f"release {stage}", text))
+    return lines
+
+
 def champion_after(promotion: dict[str, Any]) -> str | None:
     """The champion once a gate decision is applied."""
     promoted = promotion["decision"] in ("promote", "forced_promote")
@@ -141,9 +213,11 @@ class Loop:
 
     def run(self, dag_id: str, when: Any, conf: dict | None = None, note: str = "", shown_as: str = "") -> Any:
         from scripts.dag_runner import run_dag, task_states
+        from tasks.config import TRAINING_DAG_ID
 
         began = time.monotonic()
-        report = run_dag(dag_id, when, conf=conf, log_path=self.log_path(dag_id))
+        with LiveTraffic(self if dag_id == TRAINING_DAG_ID else None):
+            report = run_dag(dag_id, when, conf=conf, log_path=self.log_path(dag_id))
         report.task_states = task_states(dag_id, report.run_id)
         self.record(dag_id, report, note, time.monotonic() - began, shown_as)
         return report
@@ -170,6 +244,7 @@ class Loop:
                 row["decision"] = f"gate {promotion['decision']}"
                 row["champion"] = f"v{promotion['champion_version'] or '-'} -> v{champion_after(promotion)}"
                 row["promotion"] = promotion
+            row["release"] = release_lines(self.records.of_run("deployments_of_run", report.run_id))
         self.rows.append(row)
         for task_id, state in report.task_states.items():
             print(f"  {task_id:28s} {state}")
@@ -211,9 +286,9 @@ class Loop:
     def train_first(self) -> Any:
         from tasks.config import TRAINING_DAG_ID
 
-        _say(f"[1/5] Publishing the {self.args.ds} drop of {self.settings.dataset}: {self.args.rows} rows")
+        _say(f"[1/6] Publishing the {self.args.ds} drop of {self.settings.dataset}: {self.args.rows} rows")
         self.publish(self.args.ds)
-        _say(f"[1/5] Running {TRAINING_DAG_ID} for ds={self.args.ds} (logs: {self.log_path(TRAINING_DAG_ID)})")
+        _say(f"[1/6] Running {TRAINING_DAG_ID} for ds={self.args.ds} (logs: {self.log_path(TRAINING_DAG_ID)})")
         report = self.run(TRAINING_DAG_ID, self.args.ds, note="daily run")
         print_training_summary(self, report, self.args.ds)
         self.ensure_served(report, self.args.ds)
@@ -256,35 +331,55 @@ class Loop:
         before = served_version(self.url, self.api_key)
         self.champions = (before, None)
 
-        _say(f"[2/5] Normal traffic to the champion v{before} at {self.url}")
+        _say(f"[2/6] Normal traffic to the champion v{before} at {self.url}")
         self.traffic(self.args.traffic, seed=101)
-        _say(f"[2/5] Running {DRIFT_DAG_ID}: the window holds normal traffic")
+        _say(f"[2/6] Running {DRIFT_DAG_ID}: the window holds normal traffic")
         self.run(DRIFT_DAG_ID, _now(), note="normal traffic")
 
-        _say(f"[3/5] Publishing a drifted day ({drifted_day}) and sending drifted traffic")
+        _say(f"[3/6] Publishing a drifted day ({drifted_day}) and sending drifted traffic")
         self.publish(drifted_day, knob)
         self.traffic(self.args.traffic, seed=102, knob=knob, label="drifted")
-        _say(f"[3/5] Running {DRIFT_DAG_ID}: the window now holds drifted traffic")
+        _say(f"[3/6] Running {DRIFT_DAG_ID}: the window now holds drifted traffic")
         check = self.run(DRIFT_DAG_ID, _now(), note="drifted traffic")
         decision = self.rows[-1].get("check") or {}
         if decision.get("decision") == "cooldown":
             # An earlier make run retrained minutes ago: storm protection holds this drift back.
             print(f"  {decision['reason']}: the storm protection of an earlier run.")
-            _say(f"[3/5] Running {DRIFT_DAG_ID} again with the run param cooldown_minutes=0, to show the loop")
+            _say(f"[3/6] Running {DRIFT_DAG_ID} again with the run param cooldown_minutes=0, to show the loop")
             check = self.run(DRIFT_DAG_ID, _now(), conf={"cooldown_minutes": 0}, note="drifted traffic, no cooldown")
         if check.task_states.get("trigger_retraining") != "success":
             print("  the drift check did not trigger a training run; see the table below")
             return False
 
-        _say(f"[4/5] Executing the triggered {TRAINING_DAG_ID} run (logs: {self.log_path(TRAINING_DAG_ID)})")
+        _say(f"[4/6] Executing the triggered {TRAINING_DAG_ID} run (logs: {self.log_path(TRAINING_DAG_ID)})")
         self.run_queued_retrains(drifted_day)
         after = served_version(self.url, self.api_key)
 
-        _say(f"[5/5] Drifted traffic to the new champion v{after}; a last drift check")
+        _say(f"[5/6] Drifted traffic to the new champion v{after}; a last drift check")
         self.traffic(self.args.traffic, seed=103, knob=knob, label="drifted")
         self.run(DRIFT_DAG_ID, _now(), note="drifted traffic, new champion")
         self.champions = (before, after)
         return after is not None and after != before
+
+    def bad_release(self) -> bool:
+        """A forced challenger whose candidate fails half its answers: aborted at the first canary step."""
+        from tasks.config import TRAINING_DAG_ID
+        from tasks.datagen import DriftKnob
+
+        day = (dt.date.fromisoformat(self.args.ds) + dt.timedelta(days=2)).isoformat()
+        champion = served_version(self.url, self.api_key)
+        _say(f"[6/6] A deliberately bad release ({day}): its candidate answers 5xx (release_fault error_rate 0.5)")
+        self.publish(day, DriftKnob(feature_drift=1.0))
+        conf = {
+            "force_gate": "promote",
+            "force_reason": "make run: a deliberately bad release, to show the automatic rollback",
+            "release_fault": {"error_rate": 0.5},
+        }
+        report = self.run(TRAINING_DAG_ID, day, conf=conf, note="bad release on purpose (fault injection)")
+        self.rows[-1]["expected_failure"] = True
+        after = served_version(self.url, self.api_key)
+        print(f"  champion v{champion} served before, v{after} serves after the abort")
+        return report.state == "failed" and after == champion
 
     def print_table(self) -> None:
         from tasks.drift import load_drift_config
@@ -299,6 +394,8 @@ class Loop:
                 print(f"  {'':78s} {'':8s} {'executed as':24s} {row['ran_as']} (dag.test)")
             if row.get("champion"):
                 print(f"  {'':78s} {'':8s} {'champion':24s} {row['champion']}")
+            for label, text in row.get("release") or []:
+                print(f"  {'':78s} {'':8s} {label:24s} {text}")
             if row.get("report"):
                 print(f"  {'':78s} {'':8s} {'Evidently report':24s} {row['report']}")
         before, after = getattr(self, "champions", (None, None))
@@ -422,12 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack: {err}", file=sys.stderr)
         return 2
     os.environ.update(env)
+    # Off by default everywhere else: lets step 5's release ask for a faulty candidate.
+    os.environ.setdefault("NS_SERVING_FAULT_INJECTION", "true")
 
     loop = Loop(paths, args)
     first = loop.train_first()
     closed = None
     if first.succeeded and not args.no_loop:
-        closed = loop.loop()
+        closed = loop.loop() and loop.bad_release()
         loop.print_table()
     version = served_version(loop.url, loop.api_key)
     if version:
@@ -440,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  MLflow UI      {os.environ['MLFLOW_TRACKING_URI']}")
     print(f"  use the stack  source {paths.env_file}  (then `airflow ...`, `aws s3 ls` style tools)")
     print(f"  wall time      {time.monotonic() - loop.started:.0f}s")
-    failed = [row for row in loop.rows if row["state"] != "success"]
+    failed = [row for row in loop.rows if row["state"] != "success" and not row.get("expected_failure")]
     if failed or not first.succeeded or closed is False:
         print(f"\nSomething did not go as planned (see the table and {paths.logs})", file=sys.stderr)
         return 1
