@@ -54,7 +54,7 @@ def network_security_deploy():
         """Resolve the model, targets and connections; refuse a rollback without a reason."""
         return runtime.plan(plan_release, params, ds, dag_run.run_type)
 
-    @task
+    @task(pool="aliases")  # every alias move, one at a time (the release completion too)
     def choose_release(plan: dict, run_id=None) -> dict:
         """For a rollback, move champion back to previous_champion; then the champion is the release."""
         with runtime.failures():

@@ -117,11 +117,28 @@ class LiveTraffic:
 
         self.loop, self.stop, self.thread = loop, threading.Event(), None
 
+    def _releasing(self) -> bool:
+        import httpx
+
+        model = self.loop.settings.model_name or self.loop.settings.dataset
+        try:
+            state = httpx.get(
+                f"{self.loop.url}/admin/models/{model}/release",
+                headers={"X-API-Key": os.environ.get("NS_SERVING_ADMIN_API_KEY", "")},
+                timeout=5,
+            )
+            return state.status_code == 200 and state.json().get("state") == "running"
+        except (httpx.HTTPError, ValueError):
+            return False
+
     def _send(self) -> None:
         from tasks.traffic import send_traffic
 
         seed = 1000
         while not self.stop.is_set():
+            if not self._releasing():  # no release yet (the run still trains): leave the cores to it
+                time.sleep(0.5)
+                continue
             try:
                 send_traffic(self.loop.url, self.loop.api_key, self.loop.spec, 40, seed=seed, batch_size=2)
             except Exception:  # noqa: BLE001 - the server restarting or refusing: try again shortly

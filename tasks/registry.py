@@ -232,11 +232,14 @@ class NothingToRollBack(RuntimeError):
     """There is no ``previous_champion`` to return to."""
 
 
-def roll_back(*, tracking_uri: str, model_name: str, reason: str) -> dict[str, str | None]:
+def roll_back(*, tracking_uri: str, model_name: str, reason: str, request_id: str = "") -> dict[str, str | None]:
     """Make ``previous_champion`` the champion again; the demoted version is tagged with why.
 
     ``previous_champion`` is removed afterwards: it now serves, and the version before it
     is not known to be good, so a second rollback has nothing to return to (and says so).
+    A retry of the same request (``request_id``, e.g. the DAG run id) finds its own rollback done
+    (the restored version carries ``restored_by``) and returns it again, so a retried task still
+    reaches the targets.
 
     Returns:
         ``champion_version`` (restored) and ``rolled_back_version`` (demoted, may be None
@@ -252,9 +255,16 @@ def roll_back(*, tracking_uri: str, model_name: str, reason: str) -> dict[str, s
     previous = alias_version(client, model_name, PREVIOUS_CHAMPION)
     current = alias_version(client, model_name, CHAMPION)
     if previous is None:
+        tags = client.get_model_version(model_name, current).tags if current else {}
+        if request_id and tags.get("restored_by") == request_id:
+            log.info("%s: rollback %s already done, champion is v%s", model_name, request_id, current)
+            return {"champion_version": current, "rolled_back_version": tags.get("restored_from") or None}
         raise NothingToRollBack(
             f"{model_name} has no {PREVIOUS_CHAMPION} alias (champion is v{current}): nothing to roll back to"
         )
+    if request_id:
+        client.set_model_version_tag(model_name, previous, "restored_by", request_id)
+        client.set_model_version_tag(model_name, previous, "restored_from", current or "")
     client.set_registered_model_alias(model_name, CHAMPION, previous)
     client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
     if current is not None and current != previous:

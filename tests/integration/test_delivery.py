@@ -75,15 +75,29 @@ RECORD = {k: int(v) for k, v in generate(SPEC, 1, seed=5).drop(columns=[SPEC.tar
 class Client(threading.Thread):
     """Sends predictions back to back while a release runs; records every answer (or its absence)."""
 
-    def __init__(self, base_url: str, api_key: str) -> None:
+    def __init__(self, base_url: str, api_key: str, admin_key: str) -> None:
         super().__init__(daemon=True)
         self.http = httpx.Client(base_url=base_url, headers={"X-API-Key": api_key}, timeout=10)
+        self.admin_key = admin_key
         self.stop = threading.Event()
         self.answers: list[tuple[int, str | None]] = []
         self.unanswered: list[str] = []
 
+    def releasing(self) -> bool:
+        try:
+            state = self.http.get(f"/admin/models/{MODEL}/release", headers={"X-API-Key": self.admin_key})
+            return state.status_code == 200 and state.json().get("state") == "running"
+        except httpx.HTTPError:
+            return False
+
     def run(self) -> None:
+        # Slow while the run trains (2 shared cores), back to back once a release runs.
+        fast, checked = False, 0.0
         while not self.stop.is_set():
+            if time.monotonic() - checked > 0.5:
+                fast, checked = self.releasing(), time.monotonic()
+            if not fast:
+                time.sleep(0.2)
             try:
                 response = self.http.post("/predict", json=RECORD)
             except httpx.HTTPError as err:
@@ -107,7 +121,11 @@ class Client(threading.Thread):
 @pytest.fixture(scope="module")
 def traffic(local_stack):
     def client() -> Client:
-        return Client(f"http://127.0.0.1:{local_stack['SERVING_PORT']}", local_stack["NS_SERVING_API_KEY"])
+        return Client(
+            f"http://127.0.0.1:{local_stack['SERVING_PORT']}",
+            local_stack["NS_SERVING_API_KEY"],
+            local_stack["NS_SERVING_ADMIN_API_KEY"],
+        )
 
     return client
 

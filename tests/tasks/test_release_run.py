@@ -112,3 +112,13 @@ def test_the_outcome_of_a_release(completed, aborted, approval, response, kind):
     if kind == "not_released":
         assert value.outcome == ("rejected" if response["responded_by_user"] else "timed_out")
     assert release_run.outcome_of(None, None, None, None)[0] == "no_candidate"
+
+
+def test_a_retried_rollback_finds_its_own_rollback_done_and_another_one_is_refused(model_registry):
+    registry.promote(tracking_uri=model_registry, model_name="m", version="2")
+    first = registry.roll_back(tracking_uri=model_registry, model_name="m", reason="bad", request_id="run-1")
+    assert first == {"champion_version": "1", "rolled_back_version": "2"}
+    retried = registry.roll_back(tracking_uri=model_registry, model_name="m", reason="bad", request_id="run-1")
+    assert retried == first  # the retried task goes on to the targets
+    with pytest.raises(registry.NothingToRollBack, match="no previous_champion"):
+        registry.roll_back(tracking_uri=model_registry, model_name="m", reason="again", request_id="run-2")
