@@ -28,7 +28,10 @@ are retried. A rejected challenger ends the run successfully with `release.*` sk
 `reason` / `drift_report_uri` / `max_psi` / `drifted_features` (recorded on the MLflow run),
 `force_gate` (`promote` or `reject`) with a mandatory `force_reason`, logged in the
 model card and the promotion log; `smoke_min_accuracy` (default from `include/deploy.yaml`).
-Which targets a champion ships to is the `deploy_targets` setting (`local,ec2`).
+Which targets a release ships to is the `deploy_targets` setting (`local,ec2`). The run conf
+`release_fault` (`{"error_rate": 0.5}` or `{"latency_ms": 800}`) makes the candidate fail or slow
+down during its canary steps: a deliberately bad release, accepted only by a model server started
+with `NS_SERVING_FAULT_INJECTION=true` (off by default; `make run` turns it on).
 """
 
 from __future__ import annotations
