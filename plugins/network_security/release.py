@@ -124,10 +124,11 @@ def release_group(plan: Any, evaluation: Any, *, steps: tuple[int, ...] = (10, 5
             run = runtime.run_plan(plan)
             server, ssm, _, region = _targets(run)
             stages = {t: ti.xcom_pull(task_ids=f"{GROUP_ID}.{t}") for t in stage_ids}
-            done = release_run.complete(
-                run, runtime.store(run), chosen, deployed, stages, server=server, ssm=ssm, region=region,
-                evaluation=evaluation,
-            )  # fmt: skip
+            with runtime.failures(run):  # another run moved champion meanwhile: fail (no retry), then abort
+                done = release_run.complete(
+                    run, runtime.store(run), chosen, deployed, stages, server=server, ssm=ssm, region=region,
+                    evaluation=evaluation,
+                )  # fmt: skip
             from tasks import pipeline
 
             outlet_events[assets.CHAMPION].extra = pipeline.champion_event(run, done, evaluation)

@@ -141,7 +141,7 @@ def failures(plan: RunPlan | None = None) -> Iterator[None]:
     from tasks.ingest import DataRejected
     from tasks.model_io import UnsafeModel
     from tasks.plan import PlanError
-    from tasks.registry import NothingToRollBack
+    from tasks.registry import ChampionMoved, NothingToRollBack
 
     try:
         yield
@@ -149,7 +149,7 @@ def failures(plan: RunPlan | None = None) -> Iterator[None]:
         if plan is None:
             raise
         reject(plan, err.reason, "ingest", err.files)
-    except (PlanError, DriftError, NothingToRollBack, SmokeRecordsMissing, UnsafeModel) as err:
+    except (PlanError, DriftError, NothingToRollBack, ChampionMoved, SmokeRecordsMissing, UnsafeModel) as err:
         raise AirflowFailException(str(err)) from err
     except (NotEnoughData, TargetNotSelected, NothingReleased) as err:
         raise AirflowSkipException(str(err)) from err
