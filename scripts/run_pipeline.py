@@ -110,7 +110,9 @@ class Records:
 
 class LiveTraffic:
     """Small batches sent to the served model on a background thread while a training run releases:
-    its shadow and canary stages are judged on live traffic (nothing is sent when nothing is served)."""
+    its shadow and canary stages are judged on live traffic (nothing is sent when nothing is served).
+    It follows the loop's current traffic (``Loop.knob``: drifted once the drift was published), so
+    the drift checks' windows hold the traffic the stage described."""
 
     def __init__(self, loop: Loop | None) -> None:
         import threading
@@ -140,7 +142,8 @@ class LiveTraffic:
                 time.sleep(0.5)
                 continue
             try:
-                send_traffic(self.loop.url, self.loop.api_key, self.loop.spec, 40, seed=seed, batch_size=2)
+                loop = self.loop
+                send_traffic(loop.url, loop.api_key, loop.spec, 40, seed=seed, knob=loop.knob, batch_size=2)
             except Exception:  # noqa: BLE001 - the server restarting or refusing: try again shortly
                 time.sleep(0.5)
             seed += 1
@@ -221,6 +224,7 @@ class Loop:
         self.url = f"http://127.0.0.1:{os.environ['SERVING_PORT']}"
         self.api_key = os.environ["NS_SERVING_API_KEY"]
         self.rows: list[dict[str, Any]] = []  # the final table
+        self.knob: Any = None  # the traffic's drift (None: normal), followed by the releases' live traffic
         self.started = time.monotonic()
 
     # --- helpers -------------------------------------------------------------------------
@@ -355,6 +359,7 @@ class Loop:
 
         _say(f"[3/6] Publishing a drifted day ({drifted_day}) and sending drifted traffic")
         self.publish(drifted_day, knob)
+        self.knob = knob
         self.traffic(self.args.traffic, seed=102, knob=knob, label="drifted")
         _say(f"[3/6] Running {DRIFT_DAG_ID}: the window now holds drifted traffic")
         check = self.run(DRIFT_DAG_ID, _now(), note="drifted traffic")
