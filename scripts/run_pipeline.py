@@ -496,12 +496,15 @@ def print_training_summary(loop: Loop, report: Any, ds: str) -> None:
         for reason in promotion["reason"].split("; "):
             print(f"                 - {reason}")
         print(f"  champion       v{champion_after(promotion)}")
-    for row in loop.records.of_run("deployments_of_run", report.run_id):
+    deployed = loop.records.of_run("deployments_of_run", report.run_id)
+    for row in deployed:
+        status = f"{row['action']} {row['status']} v{row['model_version']}"
         if row["target"] == "ec2":
-            print(f"  image          {row['image_uri']}")
-            print(f"  EC2 fleet      {', '.join(json.loads(row['instance_ids']))} ({row['detail']})")
+            print(f"  EC2 fleet      {', '.join(json.loads(row['instance_ids'] or '[]'))}: {status}")
         else:
-            print(f"  local server   {row['endpoint']}: {row['detail']}")
+            print(f"  local server   {row['endpoint']}: {status}")
+    for label, text in release_lines(deployed):
+        print(f"  {label:14s} {text}")
     with _quiet(loop.paths):
         promotions = loop.records.latest("latest_promotions")
         deployments = loop.records.latest("latest_deployments")
