@@ -179,7 +179,9 @@ def release_lines(deployments: list[dict[str, Any]]) -> list[tuple[str, str]]:
         return [(f"release ABORTED at {detail['stage']}", "; ".join(detail.get("reasons") or [])),
                 ("  metrics that tripped", shown), ("  rolled back", json.dumps(detail.get("targets")))]  # fmt: skip
     lines = []
-    for stage, verdict in (detail.get("metrics") or {}).items():
+    stages = detail.get("metrics") or {}
+    order = sorted(stages, key=lambda name: (name != "shadow", int(name.rsplit("_", 1)[-1]) if "_" in name else 0))
+    for stage, verdict in ((name, stages[name]) for name in order):
         metrics, status = (verdict or {}).get("metrics") or {}, (verdict or {}).get("status")
         if stage == "shadow" and "agreement" in metrics:
             text = f"{status}: agreement {metrics['agreement']}, score PSI {metrics['score_psi']}, " \
