@@ -54,14 +54,14 @@ def network_security_deploy():
         """Resolve the model, targets and connections; refuse a rollback without a reason."""
         return runtime.plan(plan_release, params, ds, dag_run.run_type)
 
-    @task
+    @task(pool="aliases")  # every alias move, one at a time (the release completion too)
     def choose_release(plan: dict, run_id=None) -> dict:
         """For a rollback, move champion back to previous_champion; then the champion is the release."""
         with runtime.failures():
             return delivery.choose_release(runtime.run_plan(plan), run_id)
 
     plan = plan_run()
-    chain(plan, ensure_monitoring_store(), choose_release(plan), deploy_group(plan, rollback_on_failure=False))
+    chain(plan, ensure_monitoring_store(), choose_release(plan), deploy_group(plan))
 
 
 network_security_deploy()

@@ -21,23 +21,25 @@ gate against the current champion.
 | `train` | the best candidate by CV refitted on the whole train split (preprocessing + estimator, skops), logged in the parent run, registered as alias `challenger` | run id, version |
 | `evaluate` | challenger and champion scored on the same test split; metrics, plots and model card logged to the run | decision + reasons |
 | `gate` | branches on the decision (rule in `include/training.yaml`: floor and tolerance on the primary metric) | |
-| `promote_champion` | `champion` -> challenger, `previous_champion` -> old champion, row in the promotion log | aliases |
 | `keep_champion` | leaves both aliases untouched, logs the reasons, row in the promotion log | reasons |
-| `deploy.*` | only after a promotion: serving image in ECR, blue/green rollout on the tagged EC2 fleet via SSM, the local model server reloaded, smoke test, deployment log; on any failure `deploy.rollback` moves `champion` back to `previous_champion` on every target and fails the run | image URI, instance ids, URL |
+| `release.*` | the gate's candidate on live evidence (`include/deploy.yaml`): optional human approval (`approve_release`), image in ECR, the candidate beside the baseline (`deploy_candidate`), `shadow`, `canary_10/50/100` (reschedule sensors reading live metrics), `complete` moves `champion` (compare-and-swap, pool `aliases`); a failed stage runs `abort` (weight 0, baseline serves, champion untouched, logged, alerted); `outcome` says what happened | verdicts, outcome |
 
 Each dataset's pool (`training_<dataset>`) has as many slots as there are candidates: with
 `max_active_runs=1` one run's candidates run side by side, no more training tasks of that
 dataset than one run's at once anywhere, and another dataset's training never waits for it.
 
 Bad data fails fast (no retries) and is quarantined; infrastructure errors (S3, MLflow)
-are retried. A rejected challenger ends the run successfully with `promote_champion` skipped.
+are retried. A rejected challenger ends the run successfully with `release.*` skipped; `champion` moves only in `release.complete`.
 
 **Trigger**: daily by schedule (`NS_SCHEDULE_NETWORK_SECURITY_TRAINING`), manually, or by the drift DAG. Params (all optional):
 `ds` (default: the logical date), `dataset` (fixed to the DAG's), `window_days` (train on the last N days),
 `reason` / `drift_report_uri` / `max_psi` / `drifted_features` (recorded on the MLflow run),
 `force_gate` (`promote` or `reject`) with a mandatory `force_reason`, logged in the
 model card and the promotion log; `smoke_min_accuracy` (default from `include/deploy.yaml`).
-Which targets a champion ships to is the `deploy_targets` setting (`local,ec2`).
+Which targets a release ships to is the `deploy_targets` setting (`local,ec2`). The run conf
+`release_fault` (`{"error_rate": 0.5}` or `{"latency_ms": 800}`) makes the candidate fail or slow
+down during its canary steps: a deliberately bad release, accepted only by a model server started
+with `NS_SERVING_FAULT_INJECTION=true` (off by default; `make run` turns it on).
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ from airflow.sdk import DAG, Param, chain, dag, get_current_context, task
 
 from network_security import assets, runtime
 from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store, from_plan
-from network_security.delivery import deploy_group
 from network_security.links import MLflowRunLink, with_links
 from network_security.operators import SnapshotValidationOperator
+from network_security.release import release_group
 from tasks import pipeline
 from tasks.config import dag_schedule, training_dag_id, training_pool
 from tasks.dataset_spec import available_datasets
@@ -137,16 +139,8 @@ def network_security_training():
 
     @task.branch
     def gate(evaluation: dict) -> str:
-        """Promote only what passed the rule (or an explicit, logged override)."""
-        return "promote_champion" if evaluation["promote"] else "keep_champion"
-
-    @task(outlets=[assets.CHAMPION])
-    def promote_champion(plan: dict, evaluation: dict, run_id=None, outlet_events=None) -> dict:
-        """Move champion to the challenger, previous_champion to the old champion; log it."""
-        run = runtime.run_plan(plan)
-        promoted = pipeline.promote(run, runtime.store(run), evaluation, run_id)
-        outlet_events[assets.CHAMPION].extra = pipeline.champion_event(run, promoted, evaluation)
-        return promoted
+        """A challenger that passed the rule (or an explicit, logged override) becomes a release candidate."""
+        return "release.candidate" if evaluation["promote"] else "keep_champion"
 
     @task
     def keep_champion(plan: dict, evaluation: dict, run_id=None) -> dict:
@@ -163,9 +157,8 @@ def network_security_training():
     evaluation = with_links(evaluate(plan, features, training, validation_uri), MLflowRunLink())
     chain(plan, [ensure_store, wait_for_drop])
     chain(wait_for_drop, ingest(plan), validate, features)
-    promoted = promote_champion(plan, evaluation)
-    chain(evaluation, gate(evaluation), [promoted, keep_champion(plan, evaluation)])
-    chain(promoted, deploy_group(plan))
+    released = release_group(plan, evaluation)
+    chain(evaluation, gate(evaluation), [released, keep_champion(plan, evaluation)])
     chain(ensure_store, evaluation)
 
 

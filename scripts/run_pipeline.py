@@ -8,7 +8,14 @@
    its conf), promotes and deploys a new champion;
 4. send drifted traffic to the new champion; a last drift check finds no drift against
    its reference (the drifted snapshot it was trained on);
-5. print a table of every DAG run, PSI, decisions, champion versions and report locations.
+5. a deliberately bad release: a forced challenger whose candidate answers 5xx (the documented,
+   off-by-default fault injection, switched on for ``make run``) is aborted at its first canary
+   step and rolled back automatically while the champion keeps serving;
+6. print a table of every DAG run, PSI, decisions, each release's stages (shadow agreement,
+   each canary step's metrics), champion versions and report locations.
+
+Every training run that releases does so under live traffic (a background client), so its
+shadow and canary stages are judged on evidence.
 
 Then the concept-drift stage (``ConceptLoop``): traffic whose labels mean something else given
 the same features (PSI stays below the threshold, the drift check sees nothing), its delayed
@@ -108,6 +115,93 @@ class Records:
         return mlflow_artifact_url(tracking, runs[0].info.run_id, "drift/report.html") if runs else None
 
 
+class LiveTraffic:
+    """Small batches sent to the served model on a background thread while a training run releases:
+    its shadow and canary stages are judged on live traffic (nothing is sent when nothing is served).
+    It follows the loop's current traffic (``Loop.knob``: drifted once the drift was published), so
+    the drift checks' windows hold the traffic the stage described."""
+
+    def __init__(self, loop: Loop | None) -> None:
+        import threading
+
+        self.loop, self.stop, self.thread = loop, threading.Event(), None
+
+    def _releasing(self) -> bool:
+        import httpx
+
+        model = self.loop.settings.model_name or self.loop.settings.dataset
+        try:
+            state = httpx.get(
+                f"{self.loop.url}/admin/models/{model}/release",
+                headers={"X-API-Key": os.environ.get("NS_SERVING_ADMIN_API_KEY", "")},
+                timeout=5,
+            )
+            return state.status_code == 200 and state.json().get("state") == "running"
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def _send(self) -> None:
+        from tasks.traffic import send_traffic
+
+        seed = 1000
+        while not self.stop.is_set():
+            if not self._releasing():  # no release yet (the run still trains): leave the cores to it
+                time.sleep(0.5)
+                continue
+            try:
+                loop = self.loop
+                send_traffic(loop.url, loop.api_key, loop.spec, 40, seed=seed, knob=loop.knob, batch_size=2)
+            except Exception:  # noqa: BLE001 - the server restarting or refusing: try again shortly
+                time.sleep(0.5)
+            seed += 1
+
+    def __enter__(self) -> LiveTraffic:
+        import threading
+
+        if self.loop is not None and served_version(self.loop.url, self.loop.api_key):
+            self.thread = threading.Thread(target=self._send, name="live-traffic", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(30)
+
+
+def release_lines(deployments: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The release's stages as the deployment log recorded them (local target's row: the served metrics)."""
+    rows = [r for r in deployments if r["action"] in ("release", "rollback") and r["detail"].startswith("{")]
+    row = next((r for r in rows if r["target"] == "local"), rows[0] if rows else None)
+    if row is None:
+        return []
+    detail = json.loads(row["detail"])
+    if detail.get("outcome") == "aborted":
+        metrics = detail.get("metrics") or {}
+        shown = ", ".join(
+            f"{k} {v}"
+            for k, v in metrics.items()
+            if k in ("candidate_requests", "candidate_5xx", "candidate_5xx_rate", "candidate_p99_ms")
+        )
+        return [(f"release ABORTED at {detail['stage']}", "; ".join(detail.get("reasons") or [])),
+                ("  metrics that tripped", shown), ("  rolled back", json.dumps(detail.get("targets")))]  # fmt: skip
+    lines = []
+    stages = detail.get("metrics") or {}
+    order = sorted(stages, key=lambda name: (name != "shadow", int(name.rsplit("_", 1)[-1]) if "_" in name else 0))
+    for stage, verdict in ((name, stages[name]) for name in order):
+        metrics, status = (verdict or {}).get("metrics") or {}, (verdict or {}).get("status")
+        if stage == "shadow" and "agreement" in metrics:
+            text = f"{status}: agreement {metrics['agreement']}, score PSI {metrics['score_psi']}, " \
+                f"p99 {metrics['candidate_p99_ms']} ms, {metrics['shadowed_rows']} rows"  # fmt: skip
+        elif "candidate_requests" in metrics:
+            text = f"{status}: {metrics['candidate_requests']} requests, 5xx {metrics['candidate_5xx']}, " \
+                f"p99 {metrics['candidate_p99_ms']} ms (baseline {metrics['baseline_p99_ms']}), PSI {metrics['score_psi']}"  # fmt: skip
+        else:
+            text = f"{status}: {'; '.join((verdict or {}).get('reasons') or [])}"
+        lines.append((f"release {stage}", text))
+    return lines
+
+
 def champion_after(promotion: dict[str, Any]) -> str | None:
     """The champion once a gate decision is applied."""
     promoted = promotion["decision"] in ("promote", "forced_promote")
@@ -139,6 +233,7 @@ class Loop:
         self.url = f"http://127.0.0.1:{os.environ['SERVING_PORT']}"
         self.api_key = os.environ["NS_SERVING_API_KEY"]
         self.rows: list[dict[str, Any]] = []  # the final table
+        self.knob: Any = None  # the traffic's drift (None: normal), followed by the releases' live traffic
         self.started = time.monotonic()
 
     # --- helpers -------------------------------------------------------------------------
@@ -148,9 +243,11 @@ class Loop:
 
     def run(self, dag_id: str, when: Any, conf: dict | None = None, note: str = "", shown_as: str = "") -> Any:
         from scripts.dag_runner import run_dag, task_states
+        from tasks.config import TRAINING_DAG_ID
 
         began = time.monotonic()
-        report = run_dag(dag_id, when, conf=conf, log_path=self.log_path(dag_id))
+        with LiveTraffic(self if dag_id == TRAINING_DAG_ID else None):
+            report = run_dag(dag_id, when, conf=conf, log_path=self.log_path(dag_id))
         report.task_states = task_states(dag_id, report.run_id)
         self.record(dag_id, report, note, time.monotonic() - began, shown_as)
         return report
@@ -179,6 +276,7 @@ class Loop:
                 row["decision"] = f"gate {promotion['decision']}"
                 row["champion"] = f"v{promotion['champion_version'] or '-'} -> v{champion_after(promotion)}"
                 row["promotion"] = promotion
+            row["release"] = release_lines(self.records.of_run("deployments_of_run", report.run_id))
         self.rows.append(row)
         for task_id, state in report.task_states.items():
             print(f"  {task_id:28s} {state}")
@@ -220,9 +318,9 @@ class Loop:
     def train_first(self) -> Any:
         from tasks.config import TRAINING_DAG_ID
 
-        _say(f"[1/5] Publishing the {self.args.ds} drop of {self.settings.dataset}: {self.args.rows} rows")
+        _say(f"[1/7] Publishing the {self.args.ds} drop of {self.settings.dataset}: {self.args.rows} rows")
         self.publish(self.args.ds)
-        _say(f"[1/5] Running {TRAINING_DAG_ID} for ds={self.args.ds} (logs: {self.log_path(TRAINING_DAG_ID)})")
+        _say(f"[1/7] Running {TRAINING_DAG_ID} for ds={self.args.ds} (logs: {self.log_path(TRAINING_DAG_ID)})")
         report = self.run(TRAINING_DAG_ID, self.args.ds, note="daily run")
         print_training_summary(self, report, self.args.ds)
         self.ensure_served(report, self.args.ds)
@@ -265,35 +363,56 @@ class Loop:
         before = served_version(self.url, self.api_key)
         self.champions = (before, None)
 
-        _say(f"[2/5] Normal traffic to the champion v{before} at {self.url}")
+        _say(f"[2/7] Normal traffic to the champion v{before} at {self.url}")
         self.traffic(self.args.traffic, seed=101)
-        _say(f"[2/5] Running {DRIFT_DAG_ID}: the window holds normal traffic")
+        _say(f"[2/7] Running {DRIFT_DAG_ID}: the window holds normal traffic")
         self.run(DRIFT_DAG_ID, _now(), note="normal traffic")
 
-        _say(f"[3/5] Publishing a drifted day ({drifted_day}) and sending drifted traffic")
+        _say(f"[3/7] Publishing a drifted day ({drifted_day}) and sending drifted traffic")
         self.publish(drifted_day, knob)
+        self.knob = knob
         self.traffic(self.args.traffic, seed=102, knob=knob, label="drifted")
-        _say(f"[3/5] Running {DRIFT_DAG_ID}: the window now holds drifted traffic")
+        _say(f"[3/7] Running {DRIFT_DAG_ID}: the window now holds drifted traffic")
         self.run(DRIFT_DAG_ID, _now(), note="drifted traffic")
         decision = self.rows[-1].get("check") or {}
         if decision.get("decision") == "cooldown":
             # An earlier make run retrained minutes ago: storm protection holds this drift back.
             print(f"  {decision['reason']}: the storm protection of an earlier run.")
-            _say(f"[3/5] Running {DRIFT_DAG_ID} again with the run param cooldown_minutes=0, to show the loop")
+            _say(f"[3/7] Running {DRIFT_DAG_ID} again with the run param cooldown_minutes=0, to show the loop")
             self.run(DRIFT_DAG_ID, _now(), conf={"cooldown_minutes": 0}, note="drifted traffic, no cooldown")
         if not (self.rows[-1].get("check") or {}).get("triggered_run_id"):
             print("  the drift check did not trigger a training run; see the table below")
             return False
 
-        _say(f"[4/5] Executing the triggered {TRAINING_DAG_ID} run (logs: {self.log_path(TRAINING_DAG_ID)})")
+        _say(f"[4/7] Executing the triggered {TRAINING_DAG_ID} run (logs: {self.log_path(TRAINING_DAG_ID)})")
         self.run_queued_retrains(drifted_day)
         after = served_version(self.url, self.api_key)
 
-        _say(f"[5/5] Drifted traffic to the new champion v{after}; a last drift check")
+        _say(f"[5/7] Drifted traffic to the new champion v{after}; a last drift check")
         self.traffic(self.args.traffic, seed=103, knob=knob, label="drifted")
         self.run(DRIFT_DAG_ID, _now(), note="drifted traffic, new champion")
         self.champions = (before, after)
         return after is not None and after != before
+
+    def bad_release(self) -> bool:
+        """A forced challenger whose candidate fails half its answers: aborted at the first canary step."""
+        from tasks.config import TRAINING_DAG_ID
+        from tasks.datagen import DriftKnob
+
+        day = (dt.date.fromisoformat(self.args.ds) + dt.timedelta(days=2)).isoformat()
+        champion = served_version(self.url, self.api_key)
+        _say(f"[6/7] A deliberately bad release ({day}): its candidate answers 5xx (release_fault error_rate 0.5)")
+        self.publish(day, DriftKnob(feature_drift=1.0))
+        conf = {
+            "force_gate": "promote",
+            "force_reason": "make run: a deliberately bad release, to show the automatic rollback",
+            "release_fault": {"error_rate": 0.5},
+        }
+        report = self.run(TRAINING_DAG_ID, day, conf=conf, note="bad release on purpose (fault injection)")
+        self.rows[-1]["expected_failure"] = True
+        after = served_version(self.url, self.api_key)
+        print(f"  champion v{champion} served before, v{after} serves after the abort")
+        return report.state == "failed" and after == champion
 
     def print_table(self) -> None:
         from tasks.drift import load_drift_config
@@ -310,6 +429,8 @@ class Loop:
                 print(f"  {'':78s} {'':8s} {'champion':24s} {row['champion']}")
             if row.get("quality"):
                 print(f"  {'':78s} {'':8s} {'quality':24s} {row['quality']}")
+            for label, text in row.get("release") or []:
+                print(f"  {'':78s} {'':8s} {label:24s} {text}")
             if row.get("report"):
                 print(f"  {'':78s} {'':8s} {'Evidently report':24s} {row['report']}")
         before, after = getattr(self, "champions", (None, None))
@@ -412,20 +533,20 @@ class ConceptLoop:
 
         loop = self.loop
         before = served_version(loop.url, loop.api_key)
-        _say(f"[6/6] Concept drift: publishing the labelled day {self.today} and sending its traffic to v{before}")
+        _say(f"[7/7] Concept drift: publishing the labelled day {self.today} and sending its traffic to v{before}")
         loop.publish(self.today, self.knob)
         self.traffic_with_feedback(seed=104)
-        _say(f"[6/6] Running {DRIFT_DAG_ID}: PSI stays below the threshold (same features)")
+        _say(f"[7/7] Running {DRIFT_DAG_ID}: PSI stays below the threshold (same features)")
         loop.run(DRIFT_DAG_ID, _now(), conf={"cooldown_minutes": 0}, note="concept-drifted traffic")
-        _say(f"[6/6] Running {QUALITY_DAG_ID}: the delayed labels show what PSI cannot")
+        _say(f"[7/7] Running {QUALITY_DAG_ID}: the delayed labels show what PSI cannot")
         check = self.check_quality("concept-drifted traffic, labelled")
         if check.task_states.get("trigger_retraining") != "success":
             print("  the quality check did not trigger a training run; see the table below")
             return False
-        _say(f"[6/6] Executing the quality-triggered {TRAINING_DAG_ID} run (trains on the drop plus the feedback)")
+        _say(f"[7/7] Executing the quality-triggered {TRAINING_DAG_ID} run (trains on the drop plus the feedback)")
         loop.run_queued_retrains(self.today)
         after = served_version(loop.url, loop.api_key)
-        _say(f"[6/6] Concept-drifted traffic to the new champion v{after}, labelled; a last quality check")
+        _say(f"[7/7] Concept-drifted traffic to the new champion v{after}, labelled; a last quality check")
         self.traffic_with_feedback(seed=105)
         self.check_quality("concept-drifted traffic, new champion")
         loop.champions = (loop.champions[0], after)
@@ -489,12 +610,15 @@ def print_training_summary(loop: Loop, report: Any, ds: str) -> None:
         for reason in promotion["reason"].split("; "):
             print(f"                 - {reason}")
         print(f"  champion       v{champion_after(promotion)}")
-    for row in loop.records.of_run("deployments_of_run", report.run_id):
+    deployed = loop.records.of_run("deployments_of_run", report.run_id)
+    for row in deployed:
+        status = f"{row['action']} {row['status']} v{row['model_version']}"
         if row["target"] == "ec2":
-            print(f"  image          {row['image_uri']}")
-            print(f"  EC2 fleet      {', '.join(json.loads(row['instance_ids']))} ({row['detail']})")
+            print(f"  EC2 fleet      {', '.join(json.loads(row['instance_ids'] or '[]'))}: {status}")
         else:
-            print(f"  local server   {row['endpoint']}: {row['detail']}")
+            print(f"  local server   {row['endpoint']}: {status}")
+    for label, text in release_lines(deployed):
+        print(f"  {label:14s} {text}")
     with _quiet(loop.paths):
         promotions = loop.records.latest("latest_promotions")
         deployments = loop.records.latest("latest_deployments")
@@ -535,12 +659,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack: {err}", file=sys.stderr)
         return 2
     os.environ.update(env)
+    # Off by default everywhere else: lets step 5's release ask for a faulty candidate.
+    os.environ.setdefault("NS_SERVING_FAULT_INJECTION", "true")
 
     loop = Loop(paths, args)
     first = loop.train_first()
     closed = None
     if first.succeeded and not args.no_loop:
-        closed = loop.loop()
+        closed = loop.loop() and loop.bad_release()
         if closed and not args.no_concept:
             closed = ConceptLoop(loop).run()
         loop.print_table()
@@ -555,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  MLflow UI      {os.environ['MLFLOW_TRACKING_URI']}")
     print(f"  use the stack  source {paths.env_file}  (then `airflow ...`, `aws s3 ls` style tools)")
     print(f"  wall time      {time.monotonic() - loop.started:.0f}s")
-    failed = [row for row in loop.rows if row["state"] != "success"]
+    failed = [row for row in loop.rows if row["state"] != "success" and not row.get("expected_failure")]
     if failed or not first.succeeded or closed is False:
         print(f"\nSomething did not go as planned (see the table and {paths.logs})", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """The deploy task group's steps, as plain functions of the run plan and the clients they need.
 
 ``resolve_release`` → ``publish`` (ECR) → ``fleet`` (EC2) and ``serve_local`` (the local model
-server) → ``smoke`` → ``record_deployment``; ``roll_back`` after a failure. Which targets a
+server) → ``smoke`` → ``record_deployment``: the deploy DAG's redeploy and rollback (a training
+run releases through ``tasks.release_run``). Which targets a
 release ships to is the plan's ``deploy_targets``: a step whose target is not selected raises
 :class:`TargetNotSelected` (the DAG skips it). The building blocks (ECR, EC2/SSM scripts, the
 smoke test) are in ``tasks.deploy``, the local server in ``tasks.local_server``, the alias moves
@@ -65,6 +66,7 @@ def choose_release(plan: RunPlan, dag_run_id: str) -> dict[str, Any]:
         tracking_uri=plan.settings.mlflow_tracking_uri,
         model_name=plan.model_name,
         reason=f"{plan.action_reason} (rollback requested by {dag_run_id})",
+        request_id=dag_run_id,
     )
     return {"action": plan.action, **moved}
 
@@ -234,77 +236,4 @@ def record_deployment(store: Store, rows: Sequence[Mapping[str, Any]], release: 
         "image_uri": rows[0]["image_uri"] if rows else None,
         "targets": [row["target"] for row in rows],
         "endpoint": next((row["endpoint"] for row in rows if row["endpoint"]), None),
-    }
-
-
-def rollback_targets(targets: Sequence[str], fleet: Mapping[str, Any] | None, local_running: bool) -> tuple[str, ...]:
-    """Where a failed release is rolled back: the EC2 fleet if the release reached it, the local server if it runs."""
-    chosen = []
-    if "ec2" in targets and fleet and fleet.get("instance_ids"):
-        chosen.append("ec2")
-    if "local" in targets and local_running:
-        chosen.append("local")
-    return tuple(chosen)
-
-
-def roll_back(
-    plan: RunPlan,
-    *,
-    store: Store,
-    release: Mapping[str, Any] | None,
-    fleet: Mapping[str, Any] | None,
-    ssm: Any,
-    region: str,
-    server: LocalServer | None,
-    dag_run_id: str,
-) -> dict[str, Any]:
-    """Champion back to previous_champion, every reached target back to it, each logged.
-
-    Raises:
-        NothingReleased: No release was resolved (the run failed before the deploy).
-        registry.NothingToRollBack: No ``previous_champion`` (a first release); logged as
-            ``rollback_failed`` for every target first.
-    """
-    require_release(release)
-    failed = f"deploy of {release['model_name']} v{release['model_version']} failed"
-    now = monitoring_store.now()
-
-    def row(target: str, status: str, detail: str, version: str, **extra: Any) -> dict[str, Any]:
-        return monitoring_store.deployment_row(
-            dag_run_id=dag_run_id, action="rollback", target=target, model_name=release["model_name"],
-            model_version=version, status=status, detail=detail, recorded_at=now, **extra,
-        )  # fmt: skip
-
-    try:
-        aliases = registry.roll_back(
-            tracking_uri=plan.settings.mlflow_tracking_uri,
-            model_name=release["model_name"],
-            reason=f"{failed} ({dag_run_id})",
-        )
-    except registry.NothingToRollBack as err:
-        rows = [row(t, "rollback_failed", str(err), release["model_version"]) for t in plan.deploy_targets]
-        monitoring_store.write(store, "deployment_log", rows)
-        raise registry.NothingToRollBack(f"{failed} and cannot be rolled back: {err}") from err
-    restored = aliases["champion_version"]
-    rows = []
-    local_running = server is not None and server.pid() is not None
-    for target in rollback_targets(plan.deploy_targets, fleet, local_running):
-        if target == "ec2":
-            config = deploy.load_deploy_config().for_model(release["model_name"]).ec2
-            commands = deploy.rollout_commands(
-                image_uri="", model_version=restored, region=region, config=config, action="rollback"
-            )
-            sent = deploy.send_commands(ssm, fleet["instance_ids"], commands, comment=f"roll back to v{restored}")
-            detail = f"SSM command {sent}: nginx back to the previous slot"
-            rows.append(row("ec2", "rolled_back", detail, restored, instance_ids=fleet["instance_ids"]))
-        else:
-            reload = server.reload(release["model_name"])  # that model only
-            detail = f"reloaded v{reload['old_version']} -> v{reload['new_version']}"
-            rows.append(row("local", "rolled_back", detail, restored, endpoint=server.url))
-    monitoring_store.write(store, "deployment_log", rows)
-    log.error("%s; rolled back: champion is v%s again on %s", failed, restored, [r["target"] for r in rows])
-    return {
-        "rolled_back_version": aliases["rolled_back_version"],
-        "champion_version": restored,
-        "targets": [{k: r[k] for k in ("target", "status", "detail")} for r in rows],
     }

@@ -39,6 +39,10 @@ TARGETS = ("local", "ec2")
 CONTAINER_PORT = 8000
 
 
+# ecr, ec2, smoke, cloudwatch are read here; approval, shadow, canary by tasks.release.
+SECTIONS = ("ecr", "ec2", "smoke", "models", "cloudwatch", "approval", "shadow", "canary")
+
+
 class DeployFailed(RuntimeError):
     """A release could not be shipped or did not pass its checks; the message says where."""
 
@@ -92,6 +96,17 @@ class SmokeConfig:
 
 
 @dataclass(frozen=True)
+class CloudWatchConfig:
+    namespace: str = "NetworkSecurity/Serving"
+    period_seconds: int = 60
+    evaluation_periods: int = 1
+
+    def __post_init__(self) -> None:
+        if self.period_seconds < 10 or self.evaluation_periods < 1:
+            raise ValueError("cloudwatch.period_seconds must be >= 10 and cloudwatch.evaluation_periods >= 1")
+
+
+@dataclass(frozen=True)
 class DeployConfig:
     """``include/deploy.yaml``. ``models``: per registered model, overrides of the ``ecr`` and ``ec2`` sections.
 
@@ -103,6 +118,7 @@ class DeployConfig:
     ecr: EcrConfig = field(default_factory=EcrConfig)
     ec2: Ec2Config = field(default_factory=Ec2Config)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
+    cloudwatch: CloudWatchConfig = field(default_factory=CloudWatchConfig)
     models: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def for_model(self, model_name: str) -> DeployConfig:
@@ -141,9 +157,9 @@ def load_deploy_config(path: Path = DEPLOY_CONFIG) -> DeployConfig:
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping with sections ecr, ec2, smoke; got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"ecr", "ec2", "smoke", "models"})
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; known: ecr, ec2, smoke, models")
+        raise ValueError(f"{path}: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
     try:
         models = dict(raw.get("models") or {})
         for name, sections in models.items():
@@ -155,6 +171,7 @@ def load_deploy_config(path: Path = DEPLOY_CONFIG) -> DeployConfig:
             ec2=Ec2Config(**_ec2_values(raw.get("ec2") or {})),
             smoke=SmokeConfig(**(raw.get("smoke") or {})),
             models={name: dict(sections) for name, sections in models.items()},
+            cloudwatch=CloudWatchConfig(**(raw.get("cloudwatch") or {})),
         )
         for name in models:
             config.for_model(name)  # a bad override fails here, naming the file, not at some deploy
@@ -344,13 +361,21 @@ def find_instances(ec2: Any, tags: dict[str, str]) -> list[str]:
     return sorted(instance["InstanceId"] for r in reservations for instance in r["Instances"])
 
 
-def user_data(config: Ec2Config, *, region: str, tracking_uri: str, environment: dict[str, str]) -> str:
+def user_data(
+    config: Ec2Config,
+    *,
+    region: str,
+    tracking_uri: str,
+    environment: dict[str, str],
+    cloudwatch: CloudWatchConfig | None = None,
+) -> str:
     """cloud-init script of a serving host: Docker, nginx in front of two slots, the serving env.
 
     The rollout itself is not baked in here: every release sends :func:`rollout_commands`
     through SSM, so a host launched long ago still runs the current procedure.
     """
-    blue, _ = config.slot_ports
+    blue, green = config.slot_ports
+    namespace = CloudWatchConfig().namespace if cloudwatch is None else cloudwatch.namespace
     env_lines = "\n".join(
         f"{key}={value}"
         for key, value in {
@@ -376,11 +401,37 @@ aws ssm get-parameter --region {shlex.quote(region)} --with-decryption \\
     --name {shlex.quote(config.admin_api_key_parameter)} --query Parameter.Value --output text > /opt/ns-serving/admin_api_key
 chmod 600 /opt/ns-serving/api_key /opt/ns-serving/admin_api_key
 echo 'server 127.0.0.1:{blue};' > /etc/nginx/ns-upstream.conf
+echo 'server 127.0.0.1:{blue};' > /etc/nginx/ns-idle.conf
+: > /etc/nginx/ns-mirror.conf
+# ns-upstream: the weighted slots of a canary; ns-mirror: `mirror /ns_mirror;` during a shadow
+# (rollout.sh writes both; the idle slot's answers to mirrored requests are discarded by nginx).
 cat > /etc/nginx/conf.d/ns-serving.conf <<'NGINX'
 upstream ns_serving {{ include /etc/nginx/ns-upstream.conf; }}
-server {{ listen 80; location / {{ proxy_pass http://ns_serving; }} }}
+upstream ns_idle {{ include /etc/nginx/ns-idle.conf; }}
+server {{
+  listen 80;
+  location / {{ include /etc/nginx/ns-mirror.conf; proxy_pass http://ns_serving; }}
+  location = /ns_mirror {{ internal; proxy_pass http://ns_idle$request_uri; }}
+}}
 NGINX
 systemctl enable --now nginx
+# The serving app's per-version Prometheus metrics (both slots) to CloudWatch, where the release's
+# alarms watch the candidate version (tasks/deploy.py:ensure_release_alarms).
+dnf install -y amazon-cloudwatch-agent
+cat > /opt/ns-serving/prometheus.yaml <<'PROM'
+global: {{scrape_interval: 15s}}
+scrape_configs:
+  - job_name: ns-serving
+    static_configs: [{{targets: ["127.0.0.1:{blue}", "127.0.0.1:{green}"]}}]
+PROM
+cat > /opt/aws/amazon-cloudwatch-agent/etc/amazon-cloudwatch-agent.json <<'CWA'
+{{"logs": {{"metrics_collected": {{"prometheus": {{"prometheus_config_path": "/opt/ns-serving/prometheus.yaml",
+  "emf_processor": {{"metric_namespace": "{namespace}", "metric_declaration": [{{"source_labels": ["job"],
+  "label_matcher": "ns-serving", "dimensions": [["model_name", "model_version", "role", "status"],
+    ["model_name", "model_version", "role"]],
+  "metric_selectors": ["^model_requests_total$", "^model_request_duration_seconds.*"]}}]}}}}}}}}}}
+CWA
+systemctl enable --now amazon-cloudwatch-agent
 """
 
 
@@ -408,57 +459,46 @@ def ensure_instances(ec2: Any, ssm: Any, config: Ec2Config, script: str) -> dict
     return {"instance_ids": launched, "launched": launched}
 
 
-def rollout_commands(
-    *, image_uri: str, model_version: str, region: str, config: Ec2Config, action: str = "deploy"
-) -> list[str]:
-    """Shell commands (AWS-RunShellScript) for a blue/green switch on a serving host.
+ROLLOUT_SCRIPT = PROJECT_ROOT / "include" / "serving_host" / "rollout.sh"
+HOST_ROLLOUT = "/opt/ns-serving/rollout.sh"
+# action -> what the host script runs ("deploy" is the deploy DAG's blue/green switch).
+ROLLOUT_ACTIONS = {
+    "deploy": 'deploy "$MODEL_VERSION" "$IMAGE_URI" && "$ROLLOUT" complete "$MODEL_VERSION"',
+    "stage": 'deploy "$MODEL_VERSION" "$IMAGE_URI"',
+    "weight": 'weight "$ARG"',
+    "mirror": 'mirror "$ARG"',
+    "complete": 'complete "$MODEL_VERSION"',
+    "rollback": 'rollback "$MODEL_VERSION" "$IMAGE_URI"',
+}
 
-    ``deploy``: pull the image, start it in the idle slot pinned to ``model_version``, wait
-    until ``/ready``, check ``/model`` reports that version, point nginx at it; the old
-    container keeps running for rollback. ``rollback``: point nginx back at the other slot.
+
+def rollout_commands(
+    *, image_uri: str, model_version: str, region: str, config: Ec2Config, action: str = "deploy", arg: str = ""
+) -> list[str]:
+    """Shell commands (AWS-RunShellScript) running ``include/serving_host/rollout.sh`` on a serving host.
+
+    The script travels with every command (a host launched long ago runs the current procedure);
+    it is idempotent and serialised with ``flock``. ``deploy``: the version into the idle slot,
+    smoke-tested there, then switched live (the old slot kept for rollback); ``stage``: into the
+    idle slot only (a release: no traffic yet); ``weight`` (``arg`` percent to the idle slot),
+    ``mirror`` (``arg`` on|off), ``complete``; ``rollback``: nginx to the slot that reports
+    ``model_version`` on ``/model``, else ``image_uri`` pulled into the idle slot, else a failure.
     """
-    if action not in ("deploy", "rollback"):
-        raise ValueError(f"action must be deploy or rollback, got {action!r}")
+    if action not in ROLLOUT_ACTIONS:
+        raise ValueError(f"action must be deploy or rollback (or {', '.join(ROLLOUT_ACTIONS)}), got {action!r}")
     blue, green = config.slot_ports
     variables = [
         f"IMAGE_URI={shlex.quote(image_uri)}",
         f"MODEL_VERSION={shlex.quote(model_version)}",
         f"REGION={shlex.quote(region)}",
         f"ACTION={action}",
+        f"ARG={shlex.quote(arg)}",
+        f"ROLLOUT={HOST_ROLLOUT}",
     ]
-    script = f"""
-cd /opt/ns-serving
-LIVE=$(cat live 2>/dev/null || echo green)
-if [ "$ACTION" = rollback ]; then
-  OTHER=$([ "$LIVE" = blue ] && echo green || echo blue)
-  OTHER_PORT=$([ "$OTHER" = blue ] && echo {blue} || echo {green})
-  docker start "ns-serving-$OTHER"
-  echo "server 127.0.0.1:$OTHER_PORT;" > /etc/nginx/ns-upstream.conf && nginx -s reload
-  echo "$OTHER" > live && echo "rolled back to slot $OTHER" && exit 0
-fi
-NEW=$([ "$LIVE" = blue ] && echo green || echo blue)
-PORT=$([ "$NEW" = blue ] && echo {blue} || echo {green})
-aws ecr get-login-password --region "$REGION" | docker login --username AWS --password-stdin "${{IMAGE_URI%%/*}}"
-docker pull "$IMAGE_URI"
-docker rm -f "ns-serving-$NEW" 2>/dev/null || true
-docker run -d --name "ns-serving-$NEW" --restart unless-stopped --env-file serving.env \\
-  -e MODEL_VERSION="$MODEL_VERSION" -v /opt/ns-serving/api_key:/run/secrets/api_key:ro \\
-  -v /opt/ns-serving/admin_api_key:/run/secrets/admin_api_key:ro \\
-  -p "127.0.0.1:$PORT:{CONTAINER_PORT}" "$IMAGE_URI"
-for attempt in $(seq 1 60); do
-  curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null && break
-  [ "$attempt" = 60 ] && {{ docker logs --tail 50 "ns-serving-$NEW"; docker rm -f "ns-serving-$NEW"; exit 1; }}
-  sleep 2
-done
-SERVED=$(curl -fsS -H "X-API-Key: $(cat api_key)" "http://127.0.0.1:$PORT/model" | python3 -c 'import json,sys; print(json.load(sys.stdin)["model_version"])')
-if [ "$SERVED" != "$MODEL_VERSION" ]; then
-  echo "slot $NEW serves v$SERVED, expected v$MODEL_VERSION"; docker rm -f "ns-serving-$NEW"; exit 1
-fi
-echo "server 127.0.0.1:$PORT;" > /etc/nginx/ns-upstream.conf && nginx -s reload
-echo "$NEW" > live
-echo "slot $NEW now serves v$MODEL_VERSION ($IMAGE_URI); previous slot kept for rollback"
-"""
-    return ["set -euo pipefail", *variables, script.strip()]
+    script = ROLLOUT_SCRIPT.read_text()
+    install = f"mkdir -p /opt/ns-serving && cat > \"$ROLLOUT\" <<'NS_ROLLOUT_EOF'\n{script}NS_ROLLOUT_EOF"
+    run = f'export REGION NS_BLUE_PORT={blue} NS_GREEN_PORT={green}\n"$ROLLOUT" {ROLLOUT_ACTIONS[action]}'
+    return ["set -euo pipefail", *variables, install, 'chmod 755 "$ROLLOUT"', run]
 
 
 RUN_SHELL_SCRIPT = "AWS-RunShellScript"
@@ -477,6 +517,96 @@ def send_commands(ssm: Any, instance_ids: list[str], commands: list[str], commen
         Comment=comment[:100],  # SSM's limit
     )
     return sent["Command"]["CommandId"]
+
+
+def send_and_wait(
+    ssm: Any, instance_ids: list[str], commands: list[str], comment: str, *, timeout: float = 600.0, poll: float = 2.0
+) -> dict[str, Any]:
+    """Send ``commands`` and wait for every instance's real outcome (never assumed).
+
+    Returns:
+        ``command_id``, ``ok`` (every instance reported Success) and per instance its status and output.
+    """
+    command_id = send_commands(ssm, instance_ids, commands, comment)
+    deadline = time.monotonic() + timeout
+    outcomes: dict[str, dict[str, str]] = {}
+    pending = list(instance_ids)
+    while pending:
+        for instance_id in list(pending):
+            try:
+                invocation = ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+            except ssm.exceptions.InvocationDoesNotExist:
+                continue
+            status = invocation.get("Status", "Pending")
+            if status not in ("Pending", "InProgress", "Delayed"):
+                outcomes[instance_id] = {
+                    "status": status,
+                    "output": (invocation.get("StandardOutputContent") or "")[-2000:],
+                    "error": (invocation.get("StandardErrorContent") or "")[-2000:],
+                }
+                pending.remove(instance_id)
+        if pending:
+            if time.monotonic() > deadline:
+                for instance_id in pending:
+                    outcomes[instance_id] = {"status": "TimedOut", "output": "", "error": f"no result in {timeout} s"}
+                break
+            time.sleep(poll)
+    ok = all(outcome["status"] == "Success" for outcome in outcomes.values())
+    return {"command_id": command_id, "ok": ok, "instances": outcomes}
+
+
+# --- CloudWatch alarms of a release ------------------------------------------------------------
+
+
+def release_alarm_names(model_name: str, version: str) -> list[str]:
+    return [f"{model_name}-v{version}-canary-5xx-rate"]
+
+
+def ensure_release_alarms(
+    cloudwatch: Any, config: CloudWatchConfig, *, model_name: str, version: str, max_5xx_rate: float
+) -> list[str]:
+    """The candidate's alarms (idempotent: put_metric_alarm replaces an alarm of the same name).
+
+    5xx rate of the canary role = 5xx answers / all answers of that version (metric math over the
+    metrics the hosts' CloudWatch agent publishes from the serving app's Prometheus endpoint).
+    """
+    (name,) = release_alarm_names(model_name, version)
+    dimensions = [
+        {"Name": "model_name", "Value": model_name},
+        {"Name": "model_version", "Value": version},
+        {"Name": "role", "Value": "canary"},
+    ]
+
+    def stat(metric_id: str, extra: list[dict[str, str]]) -> dict[str, Any]:
+        metric = {"Namespace": config.namespace, "MetricName": "model_requests_total", "Dimensions": dimensions + extra}
+        return {
+            "Id": metric_id,
+            "MetricStat": {"Metric": metric, "Period": config.period_seconds, "Stat": "Sum"},
+            "ReturnData": False,
+        }
+
+    cloudwatch.put_metric_alarm(
+        AlarmName=name,
+        AlarmDescription=f"{model_name} v{version}: canary 5xx rate above {max_5xx_rate} aborts the release",
+        Metrics=[
+            stat("errors", [{"Name": "status", "Value": "500"}]),
+            stat("requests", []),
+            {"Id": "rate", "Expression": "errors / requests", "Label": "5xx rate", "ReturnData": True},
+        ],
+        ComparisonOperator="GreaterThanThreshold",
+        Threshold=max_5xx_rate,
+        EvaluationPeriods=config.evaluation_periods,
+        TreatMissingData="notBreaching",
+    )
+    return [name]
+
+
+def alarm_states(cloudwatch: Any, names: list[str]) -> list[dict[str, Any]]:
+    """Name, state and reason of each alarm (an alarm that was deleted is simply absent)."""
+    if not names:
+        return []
+    alarms = cloudwatch.describe_alarms(AlarmNames=names)["MetricAlarms"]
+    return [{k: a.get(k) for k in ("AlarmName", "StateValue", "StateReason")} for a in alarms]
 
 
 # --- smoke test ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ def serving_environment(
         # /admin/* takes its own key (the server refuses to start when it equals API_KEY).
         "ADMIN_API_KEY": admin_api_key,
         "PREDICTION_LOG_BUCKET": prediction_log_bucket,
+        # Off by default: NS_SERVING_FAULT_INJECTION=true lets a release ask for a faulty candidate
+        # (the `release_fault` run conf: `make run`'s deliberately bad release, the abort tests).
+        "FAULT_INJECTION": "true" if os.environ.get("NS_SERVING_FAULT_INJECTION") == "true" else "false",
         **{AWS_ENVIRONMENT[k]: str(v) for k, v in aws_options.items() if v and k in AWS_ENVIRONMENT},
     }
 
@@ -235,6 +239,10 @@ class LocalServer:
                 "a registered model serves one dataset; give the other one its own model name"
             )
         return self.reload(model_name, timeout)
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 300.0) -> Any:
+        """An admin call (release control) with the server's admin key; a busy 409 is waited out."""
+        return self._admin(method, path, timeout, body)
 
     def stop(self) -> str:
         """SIGTERM (the server flushes its prediction log), SIGKILL after ``STOP_TIMEOUT_SECONDS``."""

@@ -183,8 +183,22 @@ def evaluate_challenger(
     }
 
 
-def promote(*, tracking_uri: str, model_name: str, version: str) -> dict[str, str | None]:
+class ChampionMoved(RuntimeError):
+    """``champion`` no longer points where the run read it (another run moved it): nothing is overwritten."""
+
+
+_ANY = object()
+
+
+def promote(
+    *, tracking_uri: str, model_name: str, version: str, expected_champion: Any = _ANY
+) -> dict[str, str | None]:
     """Make ``version`` the champion; the old champion becomes ``previous_champion``.
+
+    ``expected_champion`` (a version, or None for "no champion yet") makes it a compare-and-swap:
+    when ``champion`` points elsewhere now, :class:`ChampionMoved` is raised and no alias moves.
+    Callers serialise alias moves on the ``aliases`` pool (one slot), so the check and the move
+    are not interleaved with another run's.
 
     ``previous_champion`` is written first: if the second call fails, ``champion`` still
     points at the old model and the run fails, so a partial promotion never serves.
@@ -196,6 +210,11 @@ def promote(*, tracking_uri: str, model_name: str, version: str) -> dict[str, st
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
     old = alias_version(client, model_name, CHAMPION)
+    if expected_champion is not _ANY and old != expected_champion and old != version:
+        raise ChampionMoved(
+            f"{model_name}: champion is v{old} now, this run read v{expected_champion}; another run moved it, "
+            f"so v{version} is not promoted over it (retrain or release again)"
+        )
     if old == version:
         log.info("%s v%s is already the champion", model_name, version)
         return {
@@ -213,11 +232,14 @@ class NothingToRollBack(RuntimeError):
     """There is no ``previous_champion`` to return to."""
 
 
-def roll_back(*, tracking_uri: str, model_name: str, reason: str) -> dict[str, str | None]:
+def roll_back(*, tracking_uri: str, model_name: str, reason: str, request_id: str = "") -> dict[str, str | None]:
     """Make ``previous_champion`` the champion again; the demoted version is tagged with why.
 
     ``previous_champion`` is removed afterwards: it now serves, and the version before it
     is not known to be good, so a second rollback has nothing to return to (and says so).
+    A retry of the same request (``request_id``, e.g. the DAG run id) finds its own rollback done
+    (the restored version carries ``restored_by``) and returns it again, so a retried task still
+    reaches the targets.
 
     Returns:
         ``champion_version`` (restored) and ``rolled_back_version`` (demoted, may be None
@@ -233,9 +255,16 @@ def roll_back(*, tracking_uri: str, model_name: str, reason: str) -> dict[str, s
     previous = alias_version(client, model_name, PREVIOUS_CHAMPION)
     current = alias_version(client, model_name, CHAMPION)
     if previous is None:
+        tags = client.get_model_version(model_name, current).tags if current else {}
+        if request_id and tags.get("restored_by") == request_id:
+            log.info("%s: rollback %s already done, champion is v%s", model_name, request_id, current)
+            return {"champion_version": current, "rolled_back_version": tags.get("restored_from") or None}
         raise NothingToRollBack(
             f"{model_name} has no {PREVIOUS_CHAMPION} alias (champion is v{current}): nothing to roll back to"
         )
+    if request_id:
+        client.set_model_version_tag(model_name, previous, "restored_by", request_id)
+        client.set_model_version_tag(model_name, previous, "restored_from", current or "")
     client.set_registered_model_alias(model_name, CHAMPION, previous)
     client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
     if current is not None and current != previous:
@@ -269,3 +298,33 @@ def release_info(*, tracking_uri: str, model_name: str, alias: str = CHAMPION) -
         "content_sha256": aliased.tags.get("content_sha256", ""),
         "test_uri": features_file(aliased.lineage["features_uri"], TEST_SPLIT),
     }
+
+
+def record_release(*, tracking_uri: str, run_id: str, outcome: dict[str, Any]) -> None:
+    """The release's outcome on the candidate's run: ``release/outcome.json`` and a section of the model card."""
+    import json
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        card = mlflow.artifacts.load_text(f"runs:/{run_id}/model_card.md")
+    except Exception:  # noqa: BLE001 - no card yet: the section stands alone
+        card = ""
+    marker = "\n## Release on live evidence\n"
+    card = card.split(marker)[0]
+    lines = [
+        f"Outcome: **{outcome.get('outcome')}** at stage `{outcome.get('stage')}`.",
+        "",
+        *[f"- {reason}" for reason in outcome.get("reasons") or []],
+        "",
+        "Metrics of the deciding stage:",
+        "",
+        "```json",
+        json.dumps(outcome.get("metrics") or {}, indent=2, sort_keys=True),
+        "```",
+    ]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_dict(outcome, "release/outcome.json")
+        mlflow.log_text(card + marker + "\n" + "\n".join(lines) + "\n", "model_card.md")
+        mlflow.set_tag("release_outcome", str(outcome.get("outcome")))

@@ -2,7 +2,8 @@
 
 ``resolve_release`` → ``publish_image`` (ECR) → ``ec2_fleet`` → ``rollout_ec2`` (SSM Run Command,
 blue/green on the host) and ``serve_local`` (the local uvicorn target) → ``smoke_test`` →
-``record_deployment``; ``rollback`` runs only when one of them failed (the run still fails).
+``record_deployment``: the deploy DAG's redeploy / rollback of the champion (a training run
+releases through ``network_security.release`` instead).
 Every step is a function of ``tasks.delivery``; this module builds their clients from the
 connections the plan names and wires the tasks.
 """
@@ -46,12 +47,11 @@ def _registry_login(plan: Any) -> Any:
     return login
 
 
-def deploy_group(plan: Any, *, rollback_on_failure: bool = True, ssm_waiter_delay: int = 10) -> TaskGroup:
+def deploy_group(plan: Any, *, ssm_waiter_delay: int = 10) -> TaskGroup:
     """Build the ``deploy`` task group for the champion of ``plan``'s model.
 
     Args:
         plan: The ``plan_run`` output (XComArg).
-        rollback_on_failure: Add the ``rollback`` task (the rollback DAG itself does not).
         ssm_waiter_delay: Seconds between SSM command status checks.
     """
     plan_task_id = plan.operator.task_id
@@ -142,22 +142,4 @@ def deploy_group(plan: Any, *, rollback_on_failure: bool = True, ssm_waiter_dela
         chain(fleet, rollout_ec2, recorded)
         chain(smoke, recorded)
 
-        if rollback_on_failure:
-
-            @task(task_id="rollback", trigger_rule=TriggerRule.ONE_FAILED)
-            def rollback(plan: dict, run_id=None, ti=None) -> dict:
-                """Only after a failure: champion back to previous_champion on every target (the run still fails)."""
-                release, fleet = (ti.xcom_pull(task_ids=f"{GROUP_ID}.{t}") for t in ("resolve_release", "ec2_fleet"))
-                with runtime.failures():
-                    delivery.require_release(release)  # before the plan: the run may have failed making it
-                run = runtime.run_plan(plan)
-                with runtime.failures(run):
-                    server = _local_server(run)[0] if "local" in run.deploy_targets else None
-                    return delivery.roll_back(
-                        run, store=runtime.store(run), release=release, fleet=fleet,
-                        ssm=runtime.aws_client(run, "ssm"), region=runtime.aws_region(run),
-                        server=server, dag_run_id=run_id,
-                    )  # fmt: skip
-
-            chain([release, image, fleet, rollout_ec2, local, smoke], rollback(plan))
     return group

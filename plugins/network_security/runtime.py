@@ -157,7 +157,7 @@ def failures(plan: RunPlan | None = None) -> Iterator[None]:
     from tasks.model_io import UnsafeModel
     from tasks.plan import PlanError
     from tasks.quality import QualityError
-    from tasks.registry import NothingToRollBack
+    from tasks.registry import ChampionMoved, NothingToRollBack
 
     no_retry = (PlanError, DriftError, QualityError, BatchScoringError, NothingToRollBack, SmokeRecordsMissing)
     try:
@@ -166,7 +166,7 @@ def failures(plan: RunPlan | None = None) -> Iterator[None]:
         if plan is None:
             raise
         reject(plan, err.reason, "ingest", err.files)
-    except (*no_retry, UnsafeModel) as err:
+    except (*no_retry, ChampionMoved, UnsafeModel) as err:
         raise AirflowFailException(str(err)) from err
     except (NotEnoughData, TargetNotSelected, NothingReleased) as err:
         raise AirflowSkipException(str(err)) from err

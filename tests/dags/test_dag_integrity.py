@@ -23,20 +23,24 @@ EXPECTED_EDGES = {
         ("start_training", "train"),
         ("train", "evaluate"),
         ("evaluate", "gate"),
-        ("gate", "promote_champion"),
+        ("gate", "release.candidate"),
         ("gate", "keep_champion"),
         ("plan_run", "ensure_monitoring_store"),
         ("ensure_monitoring_store", "evaluate"),
-        ("promote_champion", "deploy.resolve_release"),
-        ("deploy.resolve_release", "deploy.publish_image"),
-        ("deploy.publish_image", "deploy.ec2_fleet"),
-        ("deploy.ec2_fleet", "deploy.rollout_ec2"),
-        ("deploy.publish_image", "deploy.serve_local"),
-        ("deploy.serve_local", "deploy.smoke_test"),
-        ("deploy.smoke_test", "deploy.record_deployment"),
-        ("deploy.rollout_ec2", "deploy.record_deployment"),
-        ("deploy.smoke_test", "deploy.rollback"),
-        ("deploy.rollout_ec2", "deploy.rollback"),
+        ("release.candidate", "release.route_approval"),
+        ("release.route_approval", "release.approve_release"),
+        ("release.route_approval", "release.publish_image"),
+        ("release.approve_release", "release.publish_image"),
+        ("release.publish_image", "release.deploy_candidate"),
+        ("release.deploy_candidate", "release.shadow"),
+        ("release.shadow", "release.canary_10"),
+        ("release.canary_10", "release.canary_50"),
+        ("release.canary_50", "release.canary_100"),
+        ("release.canary_100", "release.complete"),
+        ("release.canary_50", "release.abort"),
+        ("release.complete", "release.abort"),
+        ("release.complete", "release.outcome"),
+        ("release.abort", "release.outcome"),
     },
     "network_security_deploy": {
         ("plan_run", "ensure_monitoring_store"),
@@ -121,7 +125,7 @@ def test_each_training_dag_trains_its_dataset_alone_and_in_its_own_pool(offline_
         assert dag.params.get_param("dataset").schema["enum"] == [dataset]  # another dataset's conf is refused
         assert f"dataset:{dataset}" in dag.tags
         assert dag.get_task("train").pool == f"training_{dataset}"
-        assert {task.pool for task in dag.tasks} <= {"default_pool", f"training_{dataset}"}
+        assert {task.pool for task in dag.tasks} <= {"default_pool", "aliases", f"training_{dataset}"}
         assert {task.pool for task in dag.tasks} <= {"default_pool", *declared}  # every pool exists once applied
         assert set(dag.task_ids) == set(reference.task_ids)  # the same body
     assert declared["training_intrusion_flows"]["slots"] == declared["training_network_security"]["slots"] == 3
@@ -176,14 +180,26 @@ def test_parsing_imports_no_heavy_libraries():
     assert "HEAVY=\n" in done.stdout, done.stdout
 
 
-def test_deploy_runs_only_after_a_promotion_and_rolls_back_only_on_failure(offline_dagbag):
+def test_the_release_runs_only_after_the_gate_and_aborts_only_on_failure(offline_dagbag):
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
     training = offline_dagbag.dags["network_security_training"]
-    assert training.get_task("deploy.resolve_release").upstream_task_ids == {"promote_champion", "plan_run"}
-    rollback = training.get_task("deploy.rollback")
-    assert rollback.trigger_rule == "one_failed"
-    deploy_tasks = {t.task_id for t in training.tasks if t.task_id.startswith("deploy.")} - {rollback.task_id}
-    assert rollback.upstream_task_ids >= deploy_tasks - {"deploy.record_deployment"}
-    # The deploy DAG ships the champion through the same group but never rolls back twice.
+    assert not [t for t in training.task_ids if t.startswith("deploy.")]  # no promote-then-deploy any more
+    assert training.get_task("release.candidate").upstream_task_ids == {"gate", "evaluate", "plan_run"}
+    abort = training.get_task("release.abort")
+    assert abort.trigger_rule == "one_failed"
+    stages = ["release.shadow", "release.canary_10", "release.canary_50", "release.canary_100"]
+    assert abort.upstream_task_ids >= {*stages, "release.deploy_candidate", "release.complete"}
+    for stage in stages:  # waiting on live metrics holds no worker slot
+        assert training.get_task(stage).mode == "reschedule"
+    complete = training.get_task("release.complete")
+    assert complete.pool == "aliases"  # one alias move at a time
+    assert training.get_task("release.outcome").trigger_rule == "all_done"
+    approval = training.get_task("release.approve_release")
+    assert isinstance(approval, ApprovalOperator)
+    assert approval.defaults == ["Reject"] and approval.response_timeout is not None
+    assert training.get_task("release.publish_image").trigger_rule == "none_failed_min_one_success"
+    # The deploy DAG ships the champion through the deploy group and never rolls back twice.
     assert "deploy.rollback" not in offline_dagbag.dags["network_security_deploy"].task_ids
 
 
@@ -261,8 +277,10 @@ def test_assets_trace_the_raw_drop_to_the_served_model(offline_dagbag):
 
     assert names(training.get_task("ingest").inlets) == {"network_security_raw_drops"}
     assert names(training.get_task("ingest").outlets) == {"network_security_snapshots"}
-    assert names(training.get_task("promote_champion").outlets) == {"network_security_champion"}
-    assert names(training.get_task("deploy.record_deployment").outlets) == {"network_security_served_model"}
+    assert names(training.get_task("release.complete").outlets) == {
+        "network_security_champion",
+        "network_security_served_model",
+    }
     assert not training.get_task("keep_champion").outlets  # a kept champion is no new asset version
 
 
@@ -297,7 +315,6 @@ def test_the_sensor_defers_where_a_triggerer_runs():
     [
         ("network_security_training", "wait_for_drop", "aws_conn_id", "plan_run"),
         ("network_security_training", "ensure_monitoring_store", "conn_id", "plan_run"),
-        ("network_security_training", "deploy.rollout_ec2", "aws_conn_id", "plan_run"),
         ("network_security_drift", "ensure_monitoring_store", "conn_id", "plan_check"),
         ("network_security_quality", "ensure_monitoring_store", "conn_id", "plan_check"),
         ("network_security_batch_scoring", "wait_for_backlog", "aws_conn_id", "plan_run"),

@@ -176,13 +176,13 @@ def test_training_run_defers_to_the_triggerer_and_runs_on_celery_workers(dist):
     # ... as Celery tasks: each one's celery task id is in the result backend (the Airflow Postgres database).
     celery = _celery_tasks(dist, run_id)
     assert set(ran) <= set(celery), f"not sent through Celery: {set(ran) - set(celery)}"
-    assert states["promote_champion"] == "success" and states["keep_champion"] == "skipped"
-    assert dist.api.xcom(TRAINING_DAG_ID, run_id, "promote_champion")["champion_version"] == "1"
+    assert states["release.complete"] == "success" and states["keep_champion"] == "skipped"
+    assert dist.api.xcom(TRAINING_DAG_ID, run_id, "release.complete")["champion_version"] == "1"
     # The monitoring store is Postgres: the DDL ran there and the gate decision is in it.
     rows = dist.monitoring("SELECT model_version, decision FROM promotion_log WHERE dag_run_id = %s", run_id)
     assert rows == [("1", "promote")]
     if "ec2" in dist.config.deploy_targets:
-        assert states["deploy.rollout_ec2"] == "success" and states["deploy.record_deployment"] == "success"
+        assert states["release.deploy_candidate"] == "success" and states["release.complete"] == "success"
         deployed = dist.monitoring("SELECT target, status FROM deployment_log WHERE dag_run_id = %s", run_id)
         assert deployed == [("ec2", "deployed")]
 

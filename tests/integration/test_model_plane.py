@@ -79,7 +79,7 @@ def test_first_run_promotes_the_first_model(first_run, mlflow_client, local_stac
     evaluation = first_run.outputs["evaluate"]
     version = first_run.outputs["train"]["model_version"]
     assert evaluation["decision"] == "promote" and evaluation["champion_version"] is None
-    assert first_run.task_states["promote_champion"] == "success"
+    assert first_run.task_states["release.complete"] == "success"
     assert first_run.task_states["keep_champion"] == "skipped"
     assert _alias(mlflow_client, "champion") == version
     assert _alias(mlflow_client, "challenger") == version
@@ -164,7 +164,7 @@ def test_degraded_data_is_gated_out_and_the_champion_stays(first_run, s3, mlflow
     assert report.succeeded, report.task_states  # a rejection ends the run cleanly
     evaluation = report.outputs["evaluate"]
     assert evaluation["decision"] == "reject"
-    assert report.task_states["promote_champion"] == "skipped"
+    assert report.task_states["release.candidate"] == "skipped"
     assert report.task_states["keep_champion"] == "success"
     assert _alias(mlflow_client, "champion") == champion_before
     assert _alias(mlflow_client, "challenger") == report.outputs["train"]["model_version"]
@@ -222,7 +222,7 @@ def test_mlflow_unreachable_fails_clearly_and_never_moves_the_champion(
     assert report.state == "failed"
     assert report.task_states["start_training"] == "failed"  # the first step that needs MLflow
     assert report.task_states["train"] != "success"
-    assert report.task_states["promote_champion"] != "success"
+    assert report.task_states.get("release.complete") != "success"
     output = capfd.readouterr()
     message = "MLflow tracking server http://127.0.0.1:9 is unreachable"
     assert (output.out + output.err).count(message) >= 3, "expected the first try and 2 retries"

@@ -66,8 +66,8 @@ def test_good_drop_produces_snapshot_validation_and_features_idempotently(s3):
     assert first.succeeded, first.task_states
     # The data and model planes all succeed; the gate then takes exactly one of its two
     # branches (which one depends on the registry this private stack has seen so far).
-    branches = {"promote_champion", "keep_champion"}
-    planes = {k: v for k, v in first.task_states.items() if k not in branches and not k.startswith("deploy.")}
+    branches = {"release.candidate", "keep_champion"}
+    planes = {k: v for k, v in first.task_states.items() if k not in branches and not k.startswith("release.")}
     assert set(planes.values()) == {"success"}, first.task_states
     assert sorted(first.task_states[b] for b in branches) == ["skipped", "success"]
 

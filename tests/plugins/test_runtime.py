@@ -12,7 +12,7 @@ from tasks import monitoring_store
 from tasks.delivery import NothingReleased, SmokeRecordsMissing, TargetNotSelected
 from tasks.drift import DriftError, NotEnoughData
 from tasks.plan import PlanError
-from tasks.registry import NothingToRollBack
+from tasks.registry import ChampionMoved, NothingToRollBack
 
 
 @pytest.mark.parametrize(
@@ -21,6 +21,7 @@ from tasks.registry import NothingToRollBack
         (PlanError("ds must be a day written YYYY-MM-DD"), AirflowFailException),  # bad input: no retries
         (DriftError("no champion"), AirflowFailException),
         (NothingToRollBack("no previous_champion"), AirflowFailException),
+        (ChampionMoved("champion is v2 now, this run read v1"), AirflowFailException),  # no overwrite, no retry
         (SmokeRecordsMissing("the held-out split is not in S3"), AirflowFailException),
         (NotEnoughData("3 predictions", {}), AirflowSkipException),  # nothing to decide on
         (TargetNotSelected("'ec2' is not in deploy_targets"), AirflowSkipException),

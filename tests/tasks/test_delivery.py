@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import boto3
 import pandas as pd
 import pytest
-from moto import mock_aws
 
-from tasks import delivery, registry
+from tasks import delivery
 from tasks.config import Settings
 from tasks.datagen import generate
 from tasks.plan import plan_run
@@ -20,21 +18,6 @@ IMAGE = {"image_uri": "123.dkr.ecr.us-east-1.amazonaws.com/serving:network-secur
 
 def plan(targets: str = "local,ec2"):
     return plan_run(Settings(deploy_targets=targets), {}, "2026-01-31", "manual", ["network_security"])
-
-
-@pytest.mark.parametrize(
-    ("targets", "fleet", "local_running", "expected"),
-    [
-        (("local", "ec2"), {"instance_ids": ["i-1"]}, True, ("ec2", "local")),
-        (("local", "ec2"), None, True, ("local",)),  # the release never reached the fleet
-        (("local", "ec2"), {"instance_ids": []}, False, ()),
-        (("ec2",), {"instance_ids": ["i-1"]}, True, ("ec2",)),  # local is not a target
-        (("local",), {"instance_ids": ["i-1"]}, False, ()),  # no server runs: nothing to reload
-        ((), {"instance_ids": ["i-1"]}, True, ()),
-    ],
-)
-def test_rollback_targets(targets, fleet, local_running, expected):
-    assert delivery.rollback_targets(targets, fleet, local_running) == expected
 
 
 @pytest.mark.parametrize(("targets", "target", "selected"), [("local,ec2", "ec2", True), ("local", "ec2", False)])
@@ -90,50 +73,6 @@ def test_record_deployment_writes_the_rows_and_says_what_serves_where(store):
     assert len(store.table("deployment_log")) == 2
 
 
-def test_a_run_that_failed_before_the_release_rolls_nothing_back(store):
-    with pytest.raises(delivery.NothingReleased):
-        delivery.roll_back(
-            plan(), store=store, release=None, fleet=None, ssm=None, region="us-east-1", server=None,
-            dag_run_id="run",
-        )  # fmt: skip
-    assert store.table("deployment_log") == []
-
-
-def test_a_first_release_cannot_be_rolled_back_and_says_so_in_the_log(store, monkeypatch):
-    def nothing(**kwargs):
-        raise registry.NothingToRollBack("network_security has no previous_champion alias (champion is v7)")
-
-    monkeypatch.setattr(registry, "roll_back", nothing)
-    with pytest.raises(registry.NothingToRollBack, match="deploy of network_security v7 failed and cannot be"):
-        delivery.roll_back(
-            plan(), store=store, release=RELEASE, fleet=None, ssm=None, region="us-east-1", server=None,
-            dag_run_id="run",
-        )  # fmt: skip
-    rows = store.table("deployment_log")
-    assert {(r["target"], r["status"]) for r in rows} == {("local", "rollback_failed"), ("ec2", "rollback_failed")}
-
-
-def test_a_failed_release_on_the_fleet_is_sent_back_through_ssm(store, monkeypatch, aws_isolation):
-    monkeypatch.setattr(registry, "roll_back", lambda **kwargs: {"champion_version": "6", "rolled_back_version": "7"})
-    with mock_aws():
-        ec2 = boto3.client("ec2", region_name="us-east-1")
-        ssm = boto3.client("ssm", region_name="us-east-1")
-        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-        instance = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-        result = delivery.roll_back(
-            plan(), store=store, release=RELEASE, fleet={"instance_ids": [instance]}, ssm=ssm,
-            region="us-east-1", server=None, dag_run_id="run",
-        )  # fmt: skip
-        (command,) = ssm.list_commands()["Commands"]
-    assert result["champion_version"] == "6" and result["rolled_back_version"] == "7"
-    assert command["DocumentName"] == "AWS-RunShellScript" and command["InstanceIds"] == [instance]
-    assert "ACTION=rollback" in command["Parameters"]["commands"]
-    assert command["Comment"] == "roll back to v6"
-    (row,) = store.table("deployment_log")
-    assert (row["target"], row["status"], row["model_version"]) == ("ec2", "rolled_back", "6")
-    assert command["CommandId"] in row["detail"]
-
-
 def test_a_smoke_test_without_its_held_out_split_says_what_to_do(buckets):
     from tasks.deploy import SmokeTestFailed
 
@@ -142,12 +81,14 @@ def test_a_smoke_test_without_its_held_out_split_says_what_to_do(buckets):
         delivery.smoke(plan(), buckets, release, {"url": "http://127.0.0.1:9"}, "key")
 
 
-def test_two_models_ship_to_their_own_repository_and_fleet(store, monkeypatch, aws_isolation):
+def test_two_models_ship_to_their_own_repository_and_fleet(monkeypatch, aws_isolation):
     """EC2 path: each model's image in its own ECR repository, its rollout (and rollback) on its own tagged fleet."""
-    from tasks import deploy
+    import boto3
+    from moto import mock_aws
+
+    from tasks import deploy, release_run
 
     monkeypatch.setattr(deploy, "docker_engine_available", lambda timeout=10.0: False)  # manifest mode
-    monkeypatch.setattr(registry, "roll_back", lambda **kwargs: {"champion_version": "1", "rolled_back_version": "2"})
     known = ["intrusion_flows", "network_security"]
     shipped = {}
     sent = []  # the SendCommand requests as sent: moto 5.2.5 records every instance of the account on each
@@ -165,10 +106,7 @@ def test_two_models_ship_to_their_own_repository_and_fleet(store, monkeypatch, a
             shipped[dataset] = {"run": run, "release": release, "image": image, "fleet": fleet, "command": command}
         # The second model's deploy did not touch the first one's fleet; a rollback of it neither.
         flows = shipped["intrusion_flows"]
-        delivery.roll_back(
-            flows["run"], store=store, release=flows["release"], fleet=flows["fleet"], ssm=ssm, region="us-east-1",
-            server=None, dag_run_id="run",
-        )  # fmt: skip
+        release_run.ec2_command(flows["run"], ssm, flows["fleet"], "rollback", "1", "us-east-1")
         tags = {
             instance["InstanceId"]: {tag["Key"]: tag["Value"] for tag in instance["Tags"]}
             for reservation in ec2.describe_instances()["Reservations"]
@@ -188,7 +126,7 @@ def test_two_models_ship_to_their_own_repository_and_fleet(store, monkeypatch, a
     assert [(c["Comment"], c["InstanceIds"]) for c in sent] == [
         ("intrusion_flows rollout", [flows_host]),
         ("network_security rollout", [network_host]),
-        ("roll back to v1", [flows_host]),  # the other model's fleet is sent nothing
+        ("intrusion_flows rollback v1 ", [flows_host]),  # the other model's fleet is sent nothing
     ]
     assert "IMAGE_URI=" + flows["image"]["image_uri"] in sent[0]["Parameters"]["commands"]
     assert "IMAGE_URI=" + network["image"]["image_uri"] in sent[1]["Parameters"]["commands"]

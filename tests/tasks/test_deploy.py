@@ -50,7 +50,7 @@ AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-
 def aws(aws_isolation: None) -> Iterator[dict[str, Any]]:
     """ECR, EC2 and SSM clients on moto's in-process mock (the isolation of tests/conftest.py)."""
     with mock_aws():
-        yield {name: boto3.client(name, region_name=REGION) for name in ("ecr", "ec2", "ssm")}
+        yield {name: boto3.client(name, region_name=REGION) for name in ("ecr", "ec2", "ssm", "cloudwatch")}
 
 
 def write_config(tmp_path: Path, mutate: Callable[[dict[str, Any]], None] | None = None) -> Path:
@@ -685,7 +685,6 @@ def test_user_data_is_a_valid_bash_script_with_the_serving_environment(tmp_path)
     assert "--name /ns/key" in script
     assert "--region eu-west-3" in script
     assert "echo 'server 127.0.0.1:9101;' > /etc/nginx/ns-upstream.conf" in lines
-    assert "9102" not in script
     assert "upstream ns_serving { include /etc/nginx/ns-upstream.conf; }" in lines
     checked = bash_syntax_ok(tmp_path, script)
     assert checked.returncode == 0, checked.stderr
@@ -711,6 +710,8 @@ def assignments(commands: list[str]) -> dict[str, str]:
     """What the variable lines assign, as bash would see it."""
     values = {}
     for line in commands:
+        if "\n" in line:  # the script's heredoc and the run line
+            continue
         words = shlex.split(line)
         if len(words) == 1 and "=" in words[0]:
             key, value = words[0].split("=", 1)
@@ -731,11 +732,13 @@ def test_rollout_commands_deploy():
         "MODEL_VERSION": "3",
         "REGION": "us-east-1",
         "ACTION": "deploy",
+        "ARG": "",
+        "ROLLOUT": deploy.HOST_ROLLOUT,
     }
     script = "\n".join(commands)
-    assert "9101" in script and "9102" in script
-    assert f"127.0.0.1:$PORT:{deploy.CONTAINER_PORT}" in script
-    assert "8001" not in script
+    assert "NS_BLUE_PORT=9101 NS_GREEN_PORT=9102" in script
+    assert f"127.0.0.1:$port:{deploy.CONTAINER_PORT}" in script
+    assert 'deploy "$MODEL_VERSION" "$IMAGE_URI" && "$ROLLOUT" complete "$MODEL_VERSION"' in script
 
 
 def test_rollout_commands_rollback():
@@ -764,7 +767,7 @@ def test_rollout_commands_shell_quote_their_values(tmp_path):
     assert echoed.splitlines() == [nasty["image_uri"], nasty["model_version"], nasty["region"]]
 
 
-@pytest.mark.parametrize("action", ["deploy", "rollback"])
+@pytest.mark.parametrize("action", sorted(deploy.ROLLOUT_ACTIONS))
 def test_rollout_script_passes_bash_syntax_check(tmp_path, action):
     commands = rollout_commands(
         image_uri="1.dkr.ecr.us-east-1.amazonaws.com/serving:m-v3 x",
@@ -779,7 +782,7 @@ def test_rollout_script_passes_bash_syntax_check(tmp_path, action):
 
 @pytest.mark.parametrize("action", ["redeploy", "Deploy", ""])
 def test_rollout_commands_reject_unknown_actions(action):
-    with pytest.raises(ValueError, match="deploy or rollback"):
+    with pytest.raises(ValueError, match="must be deploy or rollback"):
         rollout_commands(image_uri="i", model_version="1", region="r", config=Ec2Config(), action=action)
 
 
@@ -1011,3 +1014,54 @@ def test_smoke_test_sends_the_api_key(served, server):
     with pytest.raises(SmokeTestFailed, match=r"/model answered 40[13]"):
         smoke_test(served["url"], "wrong-key", served["records"], served["labels"], expected_version="1",
                    min_accuracy=0.8, timeout=5.0)  # fmt: skip
+
+
+# --- the EC2 side of a release: awaited SSM commands, CloudWatch alarms (moto) -----------------
+
+
+def launched_instance(aws) -> str:
+    script = user_data(Ec2Config(), region=REGION, tracking_uri="http://m", environment={})
+    return deploy.ensure_instances(aws["ec2"], aws["ssm"], Ec2Config(), script)["instance_ids"][0]
+
+
+def test_send_and_wait_records_the_real_outcome_of_each_instance(aws):
+    instance_id = launched_instance(aws)
+    commands = rollout_commands(
+        image_uri="i:1", model_version="1", region=REGION, config=Ec2Config(), action="weight", arg="10"
+    )
+    sent = deploy.send_and_wait(aws["ssm"], [instance_id], commands, "canary 10 %", poll=0)
+    assert sent["ok"] is True and sent["instances"][instance_id]["status"] == "Success"
+
+    class FailingSsm:
+        """What SSM says of a rollback whose script exited 1 (moto reports every command as a success)."""
+
+        exceptions = aws["ssm"].exceptions
+
+        def send_command(self, **kwargs):
+            return {"Command": {"CommandId": "c-1"}}
+
+        def get_command_invocation(self, CommandId, InstanceId):  # noqa: N803 - boto3's names
+            return {"Status": "Failed", "StandardOutputContent": "rollback failed: no slot serves v7"}
+
+    failed = deploy.send_and_wait(FailingSsm(), ["i-1"], commands, "roll back", poll=0)
+    assert failed["ok"] is False
+    assert failed["instances"]["i-1"] == {
+        "status": "Failed",
+        "output": "rollback failed: no slot serves v7",
+        "error": "",
+    }
+
+
+def test_release_alarms_are_created_once_and_an_alarm_in_alarm_aborts_the_canary(aws):
+    from tasks.release import ABORT, alarm_verdict
+
+    cloudwatch, config = aws["cloudwatch"], deploy.CloudWatchConfig()
+    names = deploy.ensure_release_alarms(cloudwatch, config, model_name="m", version="2", max_5xx_rate=0.001)
+    assert names == deploy.ensure_release_alarms(cloudwatch, config, model_name="m", version="2", max_5xx_rate=0.001)
+    (alarm,) = cloudwatch.describe_alarms(AlarmNames=names)["MetricAlarms"]
+    assert alarm["Threshold"] == 0.001 and alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm_verdict(deploy.alarm_states(cloudwatch, names)) is None  # no data: not breaching
+
+    cloudwatch.set_alarm_state(AlarmName=names[0], StateValue="ALARM", StateReason="5xx rate 0.05 > 0.001")
+    aborted = alarm_verdict(deploy.alarm_states(cloudwatch, names))
+    assert aborted["status"] == ABORT and "5xx rate 0.05 > 0.001" in aborted["reasons"][0]

@@ -224,7 +224,7 @@ def test_the_server_environment_carries_the_model_and_the_aws_connection():
     )  # fmt: skip
     assert environment == {
         "MLFLOW_TRACKING_URI": "http://mlflow:5000", "MODEL_NAME": "m", "MODEL_ALIAS": "champion", "DATASET": "d",
-        "API_KEY": "k", "ADMIN_API_KEY": "a", "PREDICTION_LOG_BUCKET": "lake", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s",
+        "API_KEY": "k", "ADMIN_API_KEY": "a", "PREDICTION_LOG_BUCKET": "lake", "FAULT_INJECTION": "false", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s",
         "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://moto:5000",
     }  # fmt: skip
 

@@ -1,0 +1,124 @@
+"""The release's steps without Airflow: compare-and-swap on ``champion``, abort and completion records, outcomes."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from tasks import registry, release, release_run
+
+
+@pytest.fixture
+def model_registry(tmp_path, monkeypatch):
+    """A sqlite MLflow registry with versions 1-3 of model ``m`` (no artifacts needed to move aliases)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri)
+    client.create_registered_model("m")
+    for _ in range(3):
+        client.create_model_version("m", source=(tmp_path / "model").as_uri())
+    client.set_registered_model_alias("m", "champion", "1")
+    return uri
+
+
+def aliases(uri: str) -> dict[str, str | None]:
+    from mlflow import MlflowClient
+
+    from tasks.tracking import alias_version
+
+    client = MlflowClient(tracking_uri=uri)
+    return {alias: alias_version(client, "m", alias) for alias in ("champion", "previous_champion")}
+
+
+def test_champion_moves_only_if_it_still_points_where_the_run_read_it(model_registry):
+    moved = registry.promote(tracking_uri=model_registry, model_name="m", version="2", expected_champion="1")
+    assert moved == {"champion_version": "2", "previous_champion_version": "1"}
+    # A second run read v1 too, but v2 was released meanwhile: its v3 is not promoted over v2.
+    with pytest.raises(registry.ChampionMoved, match="champion is v2 now, this run read v1"):
+        registry.promote(tracking_uri=model_registry, model_name="m", version="3", expected_champion="1")
+    assert aliases(model_registry) == {"champion": "2", "previous_champion": "1"}
+    # A retried completion of the same release is a no-op, not a conflict.
+    again = registry.promote(tracking_uri=model_registry, model_name="m", version="2", expected_champion="1")
+    assert again["champion_version"] == "2"
+
+
+class FakeServer:
+    url = "http://127.0.0.1:1"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def admin(self, method, path, body=None):
+        self.calls.append((method, path))
+        return {"state": "aborted", "baseline_version_now": "1"}
+
+
+class FailingSsm:
+    """SSM reporting the rollback script's exit 1 (moto reports every command as a success)."""
+
+    class exceptions:  # noqa: N801 - boto3's shape
+        InvocationDoesNotExist = KeyError
+
+    def send_command(self, **kwargs):
+        return {"Command": {"CommandId": "c-1"}}
+
+    def get_command_invocation(self, CommandId, InstanceId):  # noqa: N803 - boto3's names
+        return {"Status": "Failed", "StandardOutputContent": "rollback failed: no slot serves v1"}
+
+
+CHOSEN = {"model_name": "m", "candidate_version": "2", "baseline_version": "1", "run_id": "r", "dag_run_id": "d",
+          "first_release": False, "approval": "auto"}  # fmt: skip
+
+
+def test_an_abort_sets_weight_0_everywhere_and_records_a_failed_ec2_rollback_as_failed(store, monkeypatch):
+    recorded = []
+    monkeypatch.setattr(registry, "record_release", lambda **kwargs: recorded.append(kwargs["outcome"]))
+    plan = SimpleNamespace(model_name="m", settings=SimpleNamespace(mlflow_tracking_uri="sqlite://"))
+    deployed = {"targets": ["local", "ec2"], "local": {"url": FakeServer.url}, "ec2": {"instance_ids": ["i-1"]}}
+    verdict = release.verdict(release.ABORT, ["5xx rate 0.5000 above 0.001"], {"candidate_5xx": 10})
+    server = FakeServer()
+    outcome = release_run.abort(
+        plan, store, CHOSEN, deployed, "canary_10", verdict, server=server, ssm=FailingSsm(), region="us-east-1"
+    )
+    assert server.calls == [("POST", "/admin/models/m/release/abort")]
+    assert outcome["stage"] == "canary_10" and outcome["metrics"] == {"candidate_5xx": 10}
+    assert outcome["targets"]["ec2"].startswith("rollback_failed")
+    rows = {row["target"]: row for row in store.table("deployment_log")}
+    assert rows["local"]["status"] == "rolled_back" and rows["ec2"]["status"] == "rollback_failed"
+    assert rows["local"]["model_version"] == "1"  # what serves now
+    assert json.loads(rows["local"]["detail"])["reasons"] == ["5xx rate 0.5000 above 0.001"]
+    assert recorded[0]["outcome"] == "aborted"
+
+
+@pytest.mark.parametrize(
+    ("completed", "aborted", "approval", "response", "kind"),
+    [
+        ({"outcome": "completed"}, None, "auto", None, "completed"),
+        (None, {"stage": "canary_10", "reasons": ["5xx"]}, "auto", None, "aborted"),
+        (None, None, "manual", {"chosen_options": ["Reject"], "responded_by_user": {"name": "ops"}}, "not_released"),
+        (None, None, "manual", {"chosen_options": ["Reject"], "responded_by_user": None}, "not_released"),
+        (None, None, "manual", {"chosen_options": ["Approve"], "responded_by_user": {"name": "ops"}}, "incomplete"),
+    ],
+)
+def test_the_outcome_of_a_release(completed, aborted, approval, response, kind):
+    got, value = release_run.outcome_of({**CHOSEN, "approval": approval}, completed, aborted, response)
+    assert got == kind
+    if kind == "aborted":
+        assert "aborted at canary_10" in value and "champion v1 still serves" in value
+    if kind == "not_released":
+        assert value.outcome == ("rejected" if response["responded_by_user"] else "timed_out")
+    assert release_run.outcome_of(None, None, None, None)[0] == "no_candidate"
+
+
+def test_a_retried_rollback_finds_its_own_rollback_done_and_another_one_is_refused(model_registry):
+    registry.promote(tracking_uri=model_registry, model_name="m", version="2")
+    first = registry.roll_back(tracking_uri=model_registry, model_name="m", reason="bad", request_id="run-1")
+    assert first == {"champion_version": "1", "rolled_back_version": "2"}
+    retried = registry.roll_back(tracking_uri=model_registry, model_name="m", reason="bad", request_id="run-1")
+    assert retried == first  # the retried task goes on to the targets
+    with pytest.raises(registry.NothingToRollBack, match="no previous_champion"):
+        registry.roll_back(tracking_uri=model_registry, model_name="m", reason="again", request_id="run-2")
