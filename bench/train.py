@@ -261,7 +261,7 @@ def _report(results: list[tuple[int, dict, dict]]) -> None:
                     run["seconds"],
                     run["seconds"] / floor,
                     run["peak_mb"],
-                    run["cv_auc"] if run["cv_auc"] is not None else float("nan"),
+                    f"{run['cv_auc']:.4f}" if run["cv_auc"] is not None else "-",
                     f"{run['auc']:.5f}",
                     run["load"],
                 ]
