@@ -43,7 +43,7 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "current_rows", "evaluated_rows", "reference_rows", "max_psi", "prediction_psi", "drifted_features",
             "drift_detected", "decision", "reason", "report_uri", "triggered_run_id", "checked_at",
         ),
-        ("dag_run_id",),
+        ("dag_run_id", "dataset"),  # one drift DAG run checks every dataset with a champion
     ),
     "retrain_log": (
         (

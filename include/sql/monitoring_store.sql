@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS drift_check (
     report_uri          TEXT,
     triggered_run_id    TEXT,
     checked_at          TEXT NOT NULL,
-    PRIMARY KEY (dag_run_id)
+    PRIMARY KEY (dag_run_id, dataset)  -- one row per dataset a drift run checks
 );
 
 -- Model-quality checks: delayed labels joined to the prediction log, one row per check

@@ -81,6 +81,18 @@ def test_drift_history_is_one_datasets_checks_before_the_window_newest_first(sto
     assert ms.drift_history(store, "unknown", before) == []
 
 
+def test_one_drift_run_keeps_a_row_per_dataset_and_a_rerun_overwrites_its_own(store):
+    end = "2026-01-01T12:00:00+00:00"
+    ms.write(store, "drift_check", [check_row("run", "network_security", end, False, "skipped")])
+    ms.write(store, "drift_check", [check_row("run", "intrusion_flows", end, True, "retrain")])
+    ms.write(store, "drift_check", [check_row("run", "intrusion_flows", end, True, "cooldown")])  # a retried task
+    rows = ms.rows_of_run(store, "drift_check_of_run", "run")
+    assert sorted((r["dataset"], r["decision"]) for r in rows) == [
+        ("intrusion_flows", "cooldown"),
+        ("network_security", "skipped"),
+    ]
+
+
 def test_a_skipped_check_row_keeps_what_was_found(store):
     row = ms.drift_check_row(
         dag_run_id="r", dataset="d", model_name="m", window_start="s", window_end="e",
