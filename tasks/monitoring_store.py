@@ -52,7 +52,7 @@ TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ),
         ("run_id",),
     ),
-    "quality_check": (QUALITY_CHECK_FIELDS, ("dag_run_id",)),
+    "quality_check": (QUALITY_CHECK_FIELDS, ("dag_run_id", "dataset")),  # mapped over datasets like drift
 }  # fmt: skip
 
 

@@ -85,7 +85,7 @@ CREATE TABLE IF NOT EXISTS quality_check (
     report_uri             TEXT,
     triggered_run_id       TEXT,
     checked_at             TEXT NOT NULL,
-    PRIMARY KEY (dag_run_id)
+    PRIMARY KEY (dag_run_id, dataset)  -- one row per dataset a quality run checks
 );
 
 -- One row per training run a check triggered, whatever the signal (drift today; live quality

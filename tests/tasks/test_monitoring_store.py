@@ -144,3 +144,21 @@ def test_every_query_runs_on_the_shipped_schema(store, path):
     names = set(re.findall(r"(?<!:):([a-z_]+)\b", path.read_text()))
     values = {"limit": 5} | {name: "x" for name in names - {"limit"}}
     assert isinstance(ms.query(store, path.stem, **values), list)
+
+
+def test_one_quality_run_keeps_a_row_per_dataset(store):
+    from tasks.quality import QUALITY_CHECK_FIELDS
+
+    def row(dataset: str, decision: str) -> dict:
+        required = {"model_name": dataset, "degraded": 0, "reason": "-", "metrics_json": "{}", "checked_at": "now"}
+        return {**dict.fromkeys(QUALITY_CHECK_FIELDS), **required, "dag_run_id": "run", "dataset": dataset,
+                "decision": decision}  # fmt: skip
+
+    ms.write(store, "quality_check", [row("network_security", "no_degradation")])
+    ms.write(store, "quality_check", [row("intrusion_flows", "skipped")])
+    ms.write(store, "quality_check", [row("intrusion_flows", "retrain")])  # a retried task overwrites its own
+    rows = ms.rows_of_run(store, "quality_check_of_run", "run")
+    assert [(r["dataset"], r["decision"]) for r in rows] == [
+        ("intrusion_flows", "retrain"),
+        ("network_security", "no_degradation"),
+    ]
