@@ -112,17 +112,17 @@ def test_each_dataset_is_trained_by_its_own_dag_and_served_beside_the_other(both
     assert (network.dag_id, flows.dag_id) == ("network_security_training", "intrusion_flows_training")
     assert flows.outputs["plan_run"]["dataset"] == FLOWS and flows.outputs["plan_run"]["model_name"] == FLOWS
     # The second deploy added its model to the running server: no restart, the first one still served.
-    assert flows.outputs["deploy.serve_local"]["process"] == "running"
+    assert flows.outputs["release.deploy_candidate"]["local"]["process"] == "running"
     listed = {m["model_name"] for m in client.get("/models").json()["models"]}
     assert {NETWORK_MODEL, FLOWS} <= listed
     for dataset, report in both_served.items():
-        version = report.outputs["promote_champion"]["champion_version"]
+        version = report.outputs["release.complete"]["champion_version"]
         detail = client.get(f"/models/{MODELS[dataset]}").json()
         assert (detail["model_name"], detail["model_version"], detail["dataset"]) == (MODELS[dataset], version, dataset)
         answer = client.post(f"/models/{MODELS[dataset]}/predict", json=records(dataset, 1, seed=3)[0])
         assert answer.status_code == 200, answer.text
         assert (answer.json()["model_name"], answer.json()["model_version"]) == (MODELS[dataset], version)
-        assert report.outputs["deploy.smoke_test"]["model_version"] == version
+        assert report.outputs["release.complete"]["outcome"] == "completed"
     # A record of one dataset is no request of the other's model.
     assert client.post(f"/models/{FLOWS}/predict", json=records(NETWORK, 1, seed=3)[0]).status_code == 422
 
@@ -157,7 +157,7 @@ def test_a_release_and_a_rollback_of_one_leave_the_other_unchanged(both_served, 
     try:
         released = train(s3, FLOWS, SECOND, conf=FORCE)
         assert released.succeeded, released.task_states
-        flows_second = released.outputs["promote_champion"]["champion_version"]
+        flows_second = released.outputs["release.complete"]["champion_version"]
         assert flows_second != flows_first and served_version(client, FLOWS) == flows_second
         assert served_version(client, NETWORK) == network_version
 

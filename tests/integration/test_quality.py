@@ -63,7 +63,7 @@ def champion_v1(s3, local_stack):
     publish_drop(s3, DayLayout(Settings(), SPEC, ds), rows=2500)
     report = run_dag(TRAINING_DAG_ID, ds)
     assert report.succeeded, report.task_states
-    assert report.outputs["promote_champion"]["champion_version"] == "1"
+    assert report.outputs["release.complete"]["champion_version"] == "1"
     return report
 
 
