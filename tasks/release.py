@@ -207,8 +207,20 @@ def _insufficient(stage: str, policy: str, seen: int, needed: int, waited: float
     )  # fmt: skip
 
 
-def shadow_verdict(report: Mapping[str, Any], config: ShadowConfig, now: dt.datetime) -> dict[str, Any]:
-    """The shadow stage from the release report: ``wait``, ``pass``, ``abort`` or proceed on too little traffic."""
+def expects_new_behaviour(trigger: Mapping[str, Any]) -> bool:
+    """Whether the run retrains on labels that show the baseline wrong (a quality signal): the candidate is
+    *meant* to disagree with the baseline, so agreement and score PSI against it judge nothing; errors,
+    latency and (canary) the 5xx rate still do. Its evidence is the labelled holdout and the next quality check."""
+    return "quality" in (trigger.get("signals") or [])
+
+
+def shadow_verdict(
+    report: Mapping[str, Any], config: ShadowConfig, now: dt.datetime, *, new_behaviour: bool = False
+) -> dict[str, Any]:
+    """The shadow stage from the release report: ``wait``, ``pass``, ``abort`` or proceed on too little traffic.
+
+    ``new_behaviour`` (:func:`expects_new_behaviour`): agreement and score PSI are recorded, not judged.
+    """
     shadow = report.get("shadow") or {}
     roles = report.get("roles") or {}
     rows = int(shadow.get("rows") or 0)
@@ -238,20 +250,26 @@ def shadow_verdict(report: Mapping[str, Any], config: ShadowConfig, now: dt.date
     agreement = shadow.get("agreement_rate")
     if failed:
         reasons.append(f"the candidate failed on {failed} shadowed rows")
-    if agreement is None or agreement < t.min_agreement:
+    if not new_behaviour and (agreement is None or agreement < t.min_agreement):
         reasons.append(f"agreement {agreement} below {t.min_agreement}")
-    if psi is not None and psi > t.max_score_psi:
+    if not new_behaviour and psi is not None and psi > t.max_score_psi:
         reasons.append(f"score PSI {psi:.4f} above {t.max_score_psi}")
     p99 = shadow.get("candidate_p99_ms")
     if p99 is not None and p99 > t.max_p99_ms:
         reasons.append(f"candidate p99 {p99} ms above {t.max_p99_ms} ms")
     if reasons:
         return verdict(ABORT, reasons, metrics)
-    return verdict(PASS, [f"agreement {agreement}, score PSI {psi}, p99 {p99} ms on {rows} rows"], metrics)
+    unjudged = " (not judged: retrained on labels that show the baseline wrong)" if new_behaviour else ""
+    return verdict(PASS, [f"agreement {agreement}, score PSI {psi}{unjudged}, p99 {p99} ms on {rows} rows"], metrics)
 
 
-def canary_verdict(report: Mapping[str, Any], config: CanaryConfig, weight: float, now: dt.datetime) -> dict[str, Any]:
-    """One canary step from the release report: abort at the first breach, pass after the bake."""
+def canary_verdict(
+    report: Mapping[str, Any], config: CanaryConfig, weight: float, now: dt.datetime, *, new_behaviour: bool = False
+) -> dict[str, Any]:
+    """One canary step from the release report: abort at the first breach, pass after the bake.
+
+    ``new_behaviour`` (:func:`expects_new_behaviour`): the score PSI against the baseline is recorded, not judged.
+    """
     roles = report.get("roles") or {}
     candidate, baseline = roles.get("candidate") or {}, roles.get("baseline") or {}
     requests = int(candidate.get("requests") or 0)
@@ -282,7 +300,8 @@ def canary_verdict(report: Mapping[str, Any], config: CanaryConfig, weight: floa
         p99 = candidate.get("p99_ms")
         if p99 is not None and p99 > t.max_p99_ms:
             reasons.append(f"p99 {p99} ms above {t.max_p99_ms} ms")
-        if psi is not None and metrics["baseline_requests"] >= config.min_requests and psi > t.max_score_psi:
+        judged = not new_behaviour and psi is not None and metrics["baseline_requests"] >= config.min_requests
+        if judged and psi > t.max_score_psi:
             reasons.append(f"score PSI {psi:.4f} against the baseline above {t.max_score_psi}")
     if reasons:
         return verdict(ABORT, reasons, metrics)

@@ -132,7 +132,7 @@ def shadow_poke(
     if "local" in deployed["targets"] and server is not None:
         report = _local_release(server, plan.model_name, {"candidate_version": chosen["candidate_version"],
                                                           "mode": "shadow"})  # fmt: skip
-        local = release.shadow_verdict(report, config, now)
+        local = release.shadow_verdict(report, config, now, new_behaviour=release.expects_new_behaviour(plan.trigger))
     if "ec2" in deployed["targets"]:
         # nginx mirrors to the idle slot; the candidate's alarms watch the canary role, judged from the canary on.
         ec2_command(plan, ssm, deployed["ec2"], "mirror", chosen["candidate_version"], region, arg="on")
@@ -163,7 +163,10 @@ def canary_poke(
         body: dict[str, Any] = {"candidate_version": chosen["candidate_version"], "mode": "canary", "weight": weight}
         if fault:
             body["fault"] = dict(fault)
-        local = release.canary_verdict(_local_release(server, plan.model_name, body), config, weight, now)
+        local = release.canary_verdict(
+            _local_release(server, plan.model_name, body), config, weight, now,
+            new_behaviour=release.expects_new_behaviour(plan.trigger),
+        )  # fmt: skip
     if "ec2" in deployed["targets"]:
         ec2_command(plan, ssm, deployed["ec2"], "weight", chosen["candidate_version"], region, arg=str(percent))
         alarms = release.alarm_verdict(deploy.alarm_states(cloudwatch, deployed["ec2"]["alarms"]))

@@ -180,3 +180,26 @@ def test_the_shipped_release_config_loads():
     assert config.canary.steps == (10, 50, 100)
     assert config.canary.thresholds.max_5xx_rate == 0.001
     assert config.shadow.on_insufficient_traffic in ("proceed", "abort")
+
+
+def test_a_retrain_on_labels_is_not_judged_by_agreement_with_the_baseline_it_replaces():
+    """Concept drift: the labels show the baseline wrong, so the candidate is meant to disagree with it."""
+    from tasks.release import expects_new_behaviour
+
+    assert expects_new_behaviour({"signals": ["quality"]}) and expects_new_behaviour({"signals": ["drift", "quality"]})
+    assert not expects_new_behaviour({"signals": ["drift"]}) and not expects_new_behaviour({"run_type": "manual"})
+    disagreeing = shadow_report(agreement=0.5, candidate_hist=SHIFTED)
+    assert shadow_verdict(disagreeing, SHADOW, at(10))["status"] == ABORT
+    kept = shadow_verdict(disagreeing, SHADOW, at(10), new_behaviour=True)
+    assert kept["status"] == PASS and "not judged" in kept["reasons"][0]
+    assert kept["metrics"]["agreement"] == 0.5 and kept["metrics"]["score_psi"] > 1  # still recorded
+    # Errors and latency are still judged.
+    assert shadow_verdict(shadow_report(failed=3), SHADOW, at(10), new_behaviour=True)["status"] == ABORT
+    assert shadow_verdict(shadow_report(p99=900.0), SHADOW, at(10), new_behaviour=True)["status"] == ABORT
+
+
+def test_a_canary_of_a_retrain_on_labels_is_judged_by_errors_and_latency_not_score_psi():
+    shifted = canary_report(hist=SHIFTED)
+    assert canary_verdict(shifted, CANARY, 0.1, at(31))["status"] == ABORT
+    assert canary_verdict(shifted, CANARY, 0.1, at(31), new_behaviour=True)["status"] == PASS
+    assert canary_verdict(canary_report(errors=1), CANARY, 0.1, at(31), new_behaviour=True)["status"] == ABORT
