@@ -19,14 +19,10 @@ if TYPE_CHECKING:
 
 
 class SnapshotValidationOperator(GXValidateBatchOperator):
-    """Validate the day's snapshot in S3 with the dataset's GX suite.
+    """Validate the day's snapshot in S3 with the dataset's GX suite; returns the stored result's URI.
 
-    The provider's operator does the validation; this subclass adds what the pipeline
-    needs around it: the batch and suite come from the run plan (read from XCom at run
-    time), the result is stored in S3 whatever the outcome, and a failed validation
-    quarantines the drop and fails the task *without retries* (the data will not change
-    by retrying), while infrastructure errors still raise normally and are retried.
-    Returns the URI of the stored result.
+    Batch and suite come from the run plan at run time; a failed validation quarantines the drop and
+    fails without retries (the data will not change), infrastructure errors are retried.
     """
 
     ui_color = "#ffd9a8"
