@@ -11,6 +11,7 @@ from typing import Any
 
 from network_security import alerts
 from tasks.config import task_retry_delay
+from tasks.retrain import skip_reason
 
 INCLUDE = Path(__file__).resolve().parents[2] / "include"
 OWNER = "ml-platform"
@@ -69,8 +70,8 @@ def no_retraining(decide_task_id: str = "decide_retraining") -> Any:
 
         decision = ti.xcom_pull(task_ids=decide_task_id, key="decision", map_indexes=ti.map_index)
         label_map_index(decision["dataset"])
-        if decision["trigger"]:
-            raise AirflowSkipException(f"{decision['dataset']}: training run {decision['retrain']['run_id']} triggered")
+        if reason := skip_reason(decision, triggers=False):
+            raise AirflowSkipException(reason)
         return {"dataset": decision["dataset"], "outcome": decision["outcome"], "reason": decision["reason"]}
 
     return no_retraining_task()
