@@ -264,6 +264,11 @@ def not_released(
     return {"outcome": decision.outcome, "reason": decision.reason, "champion_version": evaluation["champion_version"]}
 
 
+def approval_route(chosen: Mapping[str, Any]) -> str:
+    """The task after ``route_approval``: a human decides first (``approval: manual``), else straight to the image."""
+    return "approve_release" if chosen["approval"] == "manual" else "publish_image"
+
+
 def outcome_of(
     chosen: Mapping[str, Any] | None,
     completed: Mapping[str, Any] | None,

@@ -63,8 +63,7 @@ def release_group(plan: Any, evaluation: Any, *, steps: tuple[int, ...] = (10, 5
         @task.branch(task_id="route_approval")
         def route_approval(chosen: dict) -> str:
             """``approval: manual`` for this dataset: a human decides first; ``auto``: straight to the deploy."""
-            manual = chosen["approval"] == "manual"
-            return f"{GROUP_ID}.approve_release" if manual else f"{GROUP_ID}.publish_image"
+            return f"{GROUP_ID}.{release_run.approval_route(chosen)}"
 
         approve_release = ApprovalOperator(
             task_id="approve_release",

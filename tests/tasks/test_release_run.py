@@ -136,3 +136,8 @@ def test_a_completed_release_names_the_new_champion_and_where_it_serves():
         plan, done, {"candidate_version": "5"}, {"targets": ["ec2"]}, {"run_id": "r1"}
     )
     assert ec2_only["endpoint"] is None
+
+
+@pytest.mark.parametrize(("approval", "route"), [("manual", "approve_release"), ("auto", "publish_image")])
+def test_a_manual_release_waits_for_a_human_and_an_auto_one_goes_straight_to_the_image(approval, route):
+    assert release_run.approval_route({"approval": approval}) == route
