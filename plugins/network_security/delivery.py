@@ -17,17 +17,9 @@ GROUP_ID = "deploy"
 
 
 def _local_server(plan: Any) -> tuple[Any, str | None]:
-    """The local model server on the serving connection (API key: password, admin key: ``admin_api_key`` extra)."""
+    """The local model server on the plan's serving connection, and its API key (the connection's password)."""
     connection = runtime.connection(plan.settings.serving_conn_id)
-    server = delivery.model_server(
-        plan,
-        host=connection.host or "127.0.0.1",
-        port=int(connection.port or 8000),
-        api_key=connection.password,
-        admin_api_key=(connection.extra_dejson or {}).get("admin_api_key"),
-        aws_options=runtime.aws_options(plan),
-    )
-    return server, connection.password
+    return delivery.model_server_on(plan, connection, runtime.aws_options(plan)), connection.password
 
 
 def _registry_login(plan: Any) -> Any:
@@ -116,9 +108,8 @@ def deploy_group(plan: Any, *, ssm_waiter_delay: int = 10) -> TaskGroup:
                 "Comment": "network-security serving rollout",
             },
             wait_for_completion=True,
-            # Waits on the worker even where deferral is the default (make airflow, distributed):
-            # the command takes seconds, and the trigger's ListCommandInvocations is not
-            # implemented by the emulator, so a deferred rollout fails there.
+            # Waits on the worker even where deferral is the default: the command takes seconds, and the
+            # emulator lacks the trigger's ListCommandInvocations (a deferred rollout fails there).
             deferrable=False,
             waiter_delay=ssm_waiter_delay,
             waiter_max_attempts=60,
