@@ -20,8 +20,7 @@ def settings() -> Settings:
 
 
 def plan(build: Callable[..., RunPlan | CheckPlan], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``build`` (``tasks.plan.plan_run``, ``plan_release``, ``plan_check``) on the Variable's settings and the
-    known datasets, as XCom; bad input fails the task without retries."""
+    """``build`` (a planner of ``tasks.plan``) on the Variable's settings and known datasets, as XCom."""
     from tasks.dataset_spec import available_datasets
 
     with failures():
@@ -31,8 +30,7 @@ def plan(build: Callable[..., RunPlan | CheckPlan], *args: Any, **kwargs: Any) -
 def monitoring_plans(
     build: Callable[..., list], params: Mapping[str, Any] | None, window_end: Any, run_type: Any
 ) -> list:
-    """``build`` (``tasks.plan.plan_checks``, ``tasks.quality.plan_quality_checks``): one check per onboarded
-    dataset with a champion, as XCom; bad input fails the task without retries."""
+    """``build`` (``plan_checks``, ``plan_quality_checks``): one check per dataset with a champion, as XCom."""
     from tasks.dataset_spec import available_datasets
     from tasks.datasets import champion_lookup
 
