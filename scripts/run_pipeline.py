@@ -63,7 +63,7 @@ class Records:
         if self._store is None:
             from airflow.sdk import BaseHook
 
-            from network_security.runtime import HookStore
+            from tasks.monitoring_store import HookStore
 
             conn_id = self.settings.monitoring_conn_id
             # Outside a task, hooks resolve connections from the environment only: hand them the

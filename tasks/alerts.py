@@ -35,6 +35,21 @@ def task_failed(
     }
 
 
+def task_failed_of(ti: Any, error: BaseException | None) -> dict[str, Any]:
+    """:func:`task_failed` for a task instance (anything with the attributes of Airflow's); mapped ones labelled."""
+    mapped = getattr(ti, "map_index", -1)
+    label = getattr(ti, "rendered_map_index", None) or (str(mapped) if mapped not in (-1, None) else "")
+    return task_failed(
+        dag_id=ti.dag_id,
+        task_id=ti.task_id,
+        run_id=ti.run_id,
+        try_number=ti.try_number,
+        error=error,
+        map_label=label,
+        log_url=getattr(ti, "log_url", None),
+    )
+
+
 def drift_retraining(dag_id: str, run_id: str, decision: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """A drift check that triggered a training run (``decision``: ``tasks.drift.decision_xcom``)."""
     retrain = decision.get("retrain") or {}
@@ -58,3 +73,9 @@ def drift_retraining(dag_id: str, run_id: str, decision: dict[str, Any], summary
         "report_url": summary.get("report_url"),
         "reason": conf.get("reason"),
     }
+
+
+def release_aborted(model_name: str, version: str, dag_run_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    """A release stage that aborted and rolled back (``outcome``: ``tasks.release_run.abort``'s)."""
+    text = f"{model_name} v{version}: {'; '.join(outcome['reasons'])}"
+    return {"event": "release_aborted", "text": text, "dag_run_id": dag_run_id, **outcome}

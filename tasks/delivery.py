@@ -146,6 +146,19 @@ def model_server(
     return LocalServer(folder / "serving", host, port, environment, owner_id=str(folder))
 
 
+def model_server_on(plan: RunPlan, connection: Any, aws_options: Mapping[str, Any]) -> LocalServer:
+    """:func:`model_server` on the serving connection: host, port, the API key as password, the admin key as
+    the ``admin_api_key`` extra (an Airflow ``Connection``, or anything with its attributes)."""
+    return model_server(
+        plan,
+        host=connection.host or "127.0.0.1",
+        port=int(connection.port or 8000),
+        api_key=connection.password,
+        admin_api_key=(connection.extra_dejson or {}).get("admin_api_key"),
+        aws_options=aws_options,
+    )
+
+
 def serve_local(plan: RunPlan, server: LocalServer) -> dict[str, Any]:
     """Start the local model server if needed and make it serve this model's champion (in-process swap).
 

@@ -72,6 +72,24 @@ class Store(Protocol):
     def query(self, sql: str, parameters: Mapping[str, Any]) -> list[dict[str, Any]]: ...
 
 
+class HookStore:
+    """A :class:`Store` on a SQL hook (anything with ``insert_rows`` and ``get_sqlalchemy_engine``).
+
+    Inserts go through the hook; queries through its SQLAlchemy engine, which binds the named
+    parameters of ``include/sql/*.sql`` in whatever style the driver wants.
+    """
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+        self.insert_rows = hook.insert_rows
+
+    def query(self, sql: str, parameters: Mapping[str, Any]) -> list[dict[str, Any]]:
+        from sqlalchemy import text
+
+        with self.hook.get_sqlalchemy_engine().connect() as db:
+            return [dict(row._mapping) for row in db.execute(text(sql), dict(parameters))]
+
+
 def now() -> str:
     """The current time as the logs store it (ISO 8601, UTC)."""
     return dt.datetime.now(dt.UTC).isoformat()

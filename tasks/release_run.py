@@ -267,6 +267,11 @@ def not_released(
     return {"outcome": decision.outcome, "reason": decision.reason, "champion_version": evaluation["champion_version"]}
 
 
+def approval_route(chosen: Mapping[str, Any]) -> str:
+    """The task after ``route_approval``: a human decides first (``approval: manual``), else straight to the image."""
+    return "approve_release" if chosen["approval"] == "manual" else "publish_image"
+
+
 def outcome_of(
     chosen: Mapping[str, Any] | None,
     completed: Mapping[str, Any] | None,
@@ -298,3 +303,22 @@ def first_abort(verdicts: list[Mapping[str, Any] | None]) -> tuple[str, dict[str
     """The stage that aborted and its verdict (reasons, metrics), from the stages' ``abort_verdict`` XComs."""
     verdict = next((dict(v) for v in verdicts if v), None)
     return (verdict["stage"] if verdict else "deploy or complete (see the failed task's log)"), verdict
+
+
+def completion_events(
+    plan: RunPlan,
+    done: Mapping[str, Any],
+    chosen: Mapping[str, Any],
+    deployed: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The details of the champion and served-model asset events of a completed release."""
+    from tasks.pipeline import champion_event
+
+    served = {
+        "model_name": plan.model_name,
+        "model_version": chosen["candidate_version"],
+        "targets": deployed["targets"],
+        "endpoint": (deployed.get("local") or {}).get("url"),
+    }
+    return champion_event(plan, done, evaluation), served

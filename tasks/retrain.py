@@ -109,6 +109,19 @@ class Decision:
         }
 
 
+def skip_reason(decision: Mapping[str, Any], *, triggers: bool) -> str | None:
+    """Why the branch task that triggers the training run (``triggers``), or the one that does not, skips itself.
+
+    ``decision``: ``tasks.drift.decision_xcom``; None: the task runs. Each branch skips itself, since a
+    branch in a mapped task group does not skip the other branch's task instance in Airflow 3.3.2.
+    """
+    if bool(decision["trigger"]) == triggers:
+        return None
+    if triggers:
+        return f"{decision['dataset']}: no retraining ({decision['outcome']}: {decision['reason']})"
+    return f"{decision['dataset']}: training run {decision['retrain']['run_id']} triggered"
+
+
 def run_id(kinds: Sequence[str], dataset: str, window_end: dt.datetime) -> str:
     """One training run per deciding check: ``drift__<dataset>__<window end, UTC>`` (``drift+quality__...``)."""
     prefix = "+".join(sorted(set(kinds)))

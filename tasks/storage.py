@@ -42,6 +42,21 @@ class S3Location:
         return S3Location(self.bucket, f"{self.key.rstrip('/')}/{name}")
 
 
+def boto3_options(credentials: Any, region_name: str | None, endpoint_url: str | None) -> dict[str, Any]:
+    """Credentials (botocore's: access key, secret key, token), region and endpoint as boto3 keyword arguments.
+
+    For clients Airflow does not build (GX's, the model server's); unset values are left out.
+    """
+    options = {
+        "aws_access_key_id": credentials.access_key,
+        "aws_secret_access_key": credentials.secret_key,
+        "aws_session_token": credentials.token,
+        "region_name": region_name,
+        "endpoint_url": endpoint_url,
+    }
+    return {key: value for key, value in options.items() if value}
+
+
 def parse_s3_uri(uri: str) -> S3Location:
     """Split ``s3://bucket/key`` into its parts.
 

@@ -1,13 +1,7 @@
-"""Alerts: a task that fails for good, and a drift that triggers retraining, post to a webhook.
+"""Alerts: a task failed for good, or a drift triggered retraining, POSTs to a webhook.
 
-The webhook is an Airflow HTTP connection, ``alerts_webhook`` by default (the
-``NS_ALERTS_CONN_ID`` environment variable names another): its host (with scheme), port and
-path, e.g. ``AIRFLOW_CONN_ALERTS_WEBHOOK='{"conn_type": "http", "host": "https://hooks.example.com",
-"schema": "", "extra": {}}'`` plus the path as the connection's ``extra.endpoint``. No such
-connection: nothing is sent (one debug line). An alert that cannot be delivered is logged
-and never fails the task or changes its state.
-
-The payloads (JSON with a ``text`` field and structured fields) are ``tasks/alerts.py``'s.
+The webhook is the HTTP connection ``alerts_webhook`` (``NS_ALERTS_CONN_ID`` names another; the path is
+its ``extra.endpoint``). No connection: nothing is sent. An undelivered alert never fails the task.
 """
 
 from __future__ import annotations
@@ -55,22 +49,9 @@ def send(payload: dict[str, Any], conn_id: str | None = None) -> bool:
 
 def on_task_failure(context: dict[str, Any]) -> None:
     """``on_failure_callback`` of every task: runs once the retries are used up."""
-    from tasks.alerts import task_failed
+    from tasks.alerts import task_failed_of
 
-    ti = context["ti"]
-    mapped = getattr(ti, "map_index", -1)
-    label = getattr(ti, "rendered_map_index", None) or (str(mapped) if mapped not in (-1, None) else "")
-    send(
-        task_failed(
-            dag_id=ti.dag_id,
-            task_id=ti.task_id,
-            run_id=ti.run_id,
-            try_number=ti.try_number,
-            error=context.get("exception"),
-            map_label=label,
-            log_url=getattr(ti, "log_url", None),
-        )
-    )
+    send(task_failed_of(context["ti"], context.get("exception")))
 
 
 def on_retraining_triggered(context: dict[str, Any]) -> None:

@@ -1,12 +1,6 @@
-"""Assets: the lineage the UI's asset view shows, from the raw drop to the served model.
+"""Assets: the lineage from the raw drop to the served model, one event per run with its details.
 
-``ingest`` reads ``RAW_DROPS`` and emits ``SNAPSHOTS`` (extra: dataset, ds, URI, content
-hash); ``promote_champion`` emits ``CHAMPION`` (model name, version, MLflow run);
-``deploy.record_deployment`` emits ``SERVED_MODEL`` (version, targets, image). An asset
-event per run, so the asset view lists every snapshot and every promotion with its details.
-
-URIs are built at parse time from the defaults and ``NS_*`` environment overrides of
-``tasks.config.Settings`` (never from the Variable: DAG files read no Variable at parse time).
+URIs come from ``tasks.config.Settings`` defaults and ``NS_*`` (DAG files read no Variable at parse time).
 """
 
 from __future__ import annotations

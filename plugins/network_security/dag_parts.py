@@ -1,8 +1,6 @@
 """What every DAG file shares: ``default_args``, the monitoring store's DDL task, templates of the plan.
 
-Operators read their connection ids from the run plan at run time (templates), so the ids a
-task's code uses and the ids its operators use are the same, ``NS_*`` and Variable overrides
-included; nothing here reads settings at parse time.
+Operators read connection ids from the run plan at run time (templates): nothing here reads settings at parse time.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from typing import Any
 
 from network_security import alerts
 from tasks.config import task_retry_delay
+from tasks.retrain import skip_reason
 
 INCLUDE = Path(__file__).resolve().parents[2] / "include"
 OWNER = "ml-platform"
@@ -61,11 +60,7 @@ def label_map_index(dataset: str) -> None:
 
 
 def no_retraining(decide_task_id: str = "decide_retraining") -> Any:
-    """The mapped ``no_retraining`` task of a monitoring DAG: says why not, or skips itself when a run was triggered.
-
-    It skips itself (like ``RetrainTrigger``): a branch in a mapped task group does not skip the
-    other branch's task instance in Airflow 3.3.2.
-    """
+    """The mapped ``no_retraining`` task: says why not, or skips itself (like ``RetrainTrigger``) when triggered."""
     from airflow.sdk import task
 
     @task(task_id="no_retraining", map_index_template=MAP_INDEX_TEMPLATE)
@@ -75,8 +70,8 @@ def no_retraining(decide_task_id: str = "decide_retraining") -> Any:
 
         decision = ti.xcom_pull(task_ids=decide_task_id, key="decision", map_indexes=ti.map_index)
         label_map_index(decision["dataset"])
-        if decision["trigger"]:
-            raise AirflowSkipException(f"{decision['dataset']}: training run {decision['retrain']['run_id']} triggered")
+        if reason := skip_reason(decision, triggers=False):
+            raise AirflowSkipException(reason)
         return {"dataset": decision["dataset"], "outcome": decision["outcome"], "reason": decision["reason"]}
 
     return no_retraining_task()

@@ -1,11 +1,5 @@
-"""The deploy task group, shared by the training DAG and the deploy/rollback DAG.
-
-``resolve_release`` → ``publish_image`` (ECR) → ``ec2_fleet`` → ``rollout_ec2`` (SSM Run Command,
-blue/green on the host) and ``serve_local`` (the local uvicorn target) → ``smoke_test`` →
-``record_deployment``: the deploy DAG's redeploy / rollback of the champion (a training run
-releases through ``network_security.release`` instead).
-Every step is a function of ``tasks.delivery``; this module builds their clients from the
-connections the plan names and wires the tasks.
+"""The deploy DAG's ``deploy`` group (redeploy / rollback of the champion; training releases through
+``network_security.release``): steps of ``tasks.delivery`` on clients from the plan's connections.
 """
 
 from __future__ import annotations
@@ -23,18 +17,9 @@ GROUP_ID = "deploy"
 
 
 def _local_server(plan: Any) -> tuple[Any, str | None]:
-    """The local model server on the plan's serving connection (host, port, the API key as password,
-    the admin key as the ``admin_api_key`` extra)."""
+    """The local model server on the plan's serving connection, and its API key (the connection's password)."""
     connection = runtime.connection(plan.settings.serving_conn_id)
-    server = delivery.model_server(
-        plan,
-        host=connection.host or "127.0.0.1",
-        port=int(connection.port or 8000),
-        api_key=connection.password,
-        admin_api_key=(connection.extra_dejson or {}).get("admin_api_key"),
-        aws_options=runtime.aws_options(plan),
-    )
-    return server, connection.password
+    return delivery.model_server_on(plan, connection, runtime.aws_options(plan)), connection.password
 
 
 def _registry_login(plan: Any) -> Any:
@@ -48,12 +33,7 @@ def _registry_login(plan: Any) -> Any:
 
 
 def deploy_group(plan: Any, *, ssm_waiter_delay: int = 10) -> TaskGroup:
-    """Build the ``deploy`` task group for the champion of ``plan``'s model.
-
-    Args:
-        plan: The ``plan_run`` output (XComArg).
-        ssm_waiter_delay: Seconds between SSM command status checks.
-    """
+    """Build the ``deploy`` task group for the champion of ``plan``'s model (``plan``: the ``plan_run`` XComArg)."""
     plan_task_id = plan.operator.task_id
     with TaskGroup(GROUP_ID, tooltip="Ship the champion: ECR image, EC2 via SSM, local server, smoke test") as group:
 
@@ -128,9 +108,8 @@ def deploy_group(plan: Any, *, ssm_waiter_delay: int = 10) -> TaskGroup:
                 "Comment": "network-security serving rollout",
             },
             wait_for_completion=True,
-            # Waits on the worker even where deferral is the default (make airflow, distributed):
-            # the command takes seconds, and the trigger's ListCommandInvocations is not
-            # implemented by the emulator, so a deferred rollout fails there.
+            # Waits on the worker even where deferral is the default: the command takes seconds, and the
+            # emulator lacks the trigger's ListCommandInvocations (a deferred rollout fails there).
             deferrable=False,
             waiter_delay=ssm_waiter_delay,
             waiter_max_attempts=60,

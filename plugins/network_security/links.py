@@ -1,12 +1,6 @@
-"""Operator extra links: a task's page in the Airflow UI links to what it produced.
+"""Operator extra links: a task's page links to what it produced (MLflow run, Evidently report, GX result).
 
-"MLflow run" on ``train`` and ``evaluate`` (and on ``check_drift``: its monitoring run),
-"Evidently report" on ``check_drift``, "Validation result" on ``validate``. Each link reads
-the task's own return value (pushed before the link is computed, at the end of the try)
-and finds the URL the task put there; a task that failed or produced nothing has no link.
-
-Airflow 3 computes the links in the worker when the task finishes and stores them as
-XComs; the UI reads those. They are registered in ``plugins/network_security_plugin.py``.
+Each link reads the task's own return value (no value: no link). Registered in ``network_security_plugin.py``.
 """
 
 from __future__ import annotations

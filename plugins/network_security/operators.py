@@ -11,6 +11,7 @@ from great_expectations_provider.operators.validate_batch import GXValidateBatch
 from network_security import runtime
 from network_security.dag_parts import MAP_INDEX_TEMPLATE, label_map_index
 from network_security.links import ValidationResultLink
+from tasks.retrain import skip_reason
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -19,14 +20,10 @@ if TYPE_CHECKING:
 
 
 class SnapshotValidationOperator(GXValidateBatchOperator):
-    """Validate the day's snapshot in S3 with the dataset's GX suite.
+    """Validate the day's snapshot in S3 with the dataset's GX suite; returns the stored result's URI.
 
-    The provider's operator does the validation; this subclass adds what the pipeline
-    needs around it: the batch and suite come from the run plan (read from XCom at run
-    time), the result is stored in S3 whatever the outcome, and a failed validation
-    quarantines the drop and fails the task *without retries* (the data will not change
-    by retrying), while infrastructure errors still raise normally and are retried.
-    Returns the URI of the stored result.
+    Batch and suite come from the run plan at run time; a failed validation quarantines the drop and
+    fails without retries (the data will not change), infrastructure errors are retried.
     """
 
     ui_color = "#ffd9a8"
@@ -73,8 +70,7 @@ class SnapshotValidationOperator(GXValidateBatchOperator):
 
 class RetrainTrigger(TriggerDagRunOperator):
     """The training run this map index's decision (``tasks.drift.decision_xcom``) asks for, on the dataset's DAG;
-    skipped with the reason otherwise. It skips itself: a branch in a mapped task group does not skip the
-    other branch's task instance in Airflow 3.3.2 (it runs anyway)."""
+    otherwise it skips itself with the reason (``tasks.retrain.skip_reason`` says why it must)."""
 
     def __init__(self, *, decide_task_id: str = "decide_retraining", **kwargs: Any) -> None:
         super().__init__(
@@ -93,10 +89,8 @@ class RetrainTrigger(TriggerDagRunOperator):
         ti = context["ti"]
         decision = ti.xcom_pull(task_ids=self.decide_task_id, key="decision", map_indexes=ti.map_index)
         label_map_index(decision["dataset"])
-        if not decision["trigger"]:
-            raise AirflowSkipException(
-                f"{decision['dataset']}: no retraining ({decision['outcome']}: {decision['reason']})"
-            )
+        if reason := skip_reason(decision, triggers=True):
+            raise AirflowSkipException(reason)
         self.trigger_dag_id = decision["training_dag_id"]
         self.trigger_run_id, self.conf = decision["retrain"]["run_id"], decision["retrain"]["conf"]
         return super().execute(context)

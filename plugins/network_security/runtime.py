@@ -1,10 +1,5 @@
-"""Run-time adapters called inside tasks (never at parse time): settings, clients, Airflow exceptions.
-
-* settings from the ``network_security_config`` Variable (the only place it is read) and ``NS_*``;
-* the run plans of ``tasks.plan`` built from them (``plan``) and read back from XCom;
-* boto3 clients and a SQL store from the connections the plan names;
-* :func:`failures`: the domain errors of ``tasks/`` as Airflow's (bad input and bad data fail
-  without retries, "nothing to do" skips, everything else raises and is retried).
+"""Run-time adapters called inside tasks (never at parse time): settings from the Variable, run plans,
+clients and a SQL store from the plan's connections, and the domain errors of ``tasks/`` as Airflow's.
 """
 
 from __future__ import annotations
@@ -25,8 +20,7 @@ def settings() -> Settings:
 
 
 def plan(build: Callable[..., RunPlan | CheckPlan], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``build`` (``tasks.plan.plan_run``, ``plan_release``, ``plan_check``) on the Variable's settings and the
-    known datasets, as XCom; bad input fails the task without retries."""
+    """``build`` (a planner of ``tasks.plan``) on the Variable's settings and known datasets, as XCom."""
     from tasks.dataset_spec import available_datasets
 
     with failures():
@@ -36,8 +30,7 @@ def plan(build: Callable[..., RunPlan | CheckPlan], *args: Any, **kwargs: Any) -
 def monitoring_plans(
     build: Callable[..., list], params: Mapping[str, Any] | None, window_end: Any, run_type: Any
 ) -> list:
-    """``build`` (``tasks.plan.plan_checks``, ``tasks.quality.plan_quality_checks``): one check per onboarded
-    dataset with a champion, as XCom; bad input fails the task without retries."""
+    """``build`` (``plan_checks``, ``plan_quality_checks``): one check per dataset with a champion, as XCom."""
     from tasks.dataset_spec import available_datasets
     from tasks.datasets import champion_lookup
 
@@ -81,16 +74,10 @@ def aws_region(plan: RunPlan) -> str:
 
 def aws_options(plan: RunPlan | CheckPlan) -> dict[str, Any]:
     """The AWS connection as boto3 keyword arguments, for clients Airflow does not build (GX's, the model server's)."""
+    from tasks.storage import boto3_options
+
     hook = _s3_hook(plan.settings.aws_conn_id)
-    credentials = hook.get_credentials()
-    options = {
-        "aws_access_key_id": credentials.access_key,
-        "aws_secret_access_key": credentials.secret_key,
-        "aws_session_token": credentials.token,
-        "region_name": hook.conn_region_name,
-        "endpoint_url": hook.conn_config.endpoint_url,
-    }
-    return {key: value for key, value in options.items() if value}
+    return boto3_options(hook.get_credentials(), hook.conn_region_name, hook.conn_config.endpoint_url)
 
 
 def browser_url(uri: str, aws_conn_id: str | None = None) -> str:
@@ -107,26 +94,10 @@ def connection(conn_id: str) -> Any:
     return BaseHook.get_connection(conn_id)
 
 
-class HookStore:
-    """``tasks.monitoring_store.Store`` on the SQL hook of a connection (SQLite, Postgres, ...).
+def store(plan: RunPlan | CheckPlan) -> Any:
+    """The monitoring store on the SQL hook of the plan's ``monitoring_conn_id``."""
+    from tasks.monitoring_store import HookStore
 
-    Inserts go through the hook; queries through its SQLAlchemy engine, which binds the named
-    parameters of ``include/sql/*.sql`` in whatever style the driver wants.
-    """
-
-    def __init__(self, hook: Any) -> None:
-        self.hook = hook
-        self.insert_rows = hook.insert_rows
-
-    def query(self, sql: str, parameters: Mapping[str, Any]) -> list[dict[str, Any]]:
-        from sqlalchemy import text
-
-        with self.hook.get_sqlalchemy_engine().connect() as db:
-            return [dict(row._mapping) for row in db.execute(text(sql), dict(parameters))]
-
-
-def store(plan: RunPlan | CheckPlan) -> HookStore:
-    """The monitoring store of the plan's ``monitoring_conn_id``."""
     return HookStore(connection(plan.settings.monitoring_conn_id).get_hook())
 
 
@@ -150,23 +121,16 @@ def failures(plan: RunPlan | None = None) -> Iterator[None]:
     """Map the domain errors of ``tasks/`` to Airflow's: fail without retries, or skip."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from tasks.batch_scoring import BatchScoringError
-    from tasks.delivery import NothingReleased, SmokeRecordsMissing, TargetNotSelected
-    from tasks.drift import DriftError, NotEnoughData
+    from tasks.failure_modes import no_retry_errors, skip_errors
     from tasks.ingest import DataRejected
-    from tasks.model_io import UnsafeModel
-    from tasks.plan import PlanError
-    from tasks.quality import QualityError
-    from tasks.registry import ChampionMoved, NothingToRollBack
 
-    no_retry = (PlanError, DriftError, QualityError, BatchScoringError, NothingToRollBack, SmokeRecordsMissing)
     try:
         yield
     except DataRejected as err:
         if plan is None:
             raise
         reject(plan, err.reason, "ingest", err.files)
-    except (*no_retry, ChampionMoved, UnsafeModel) as err:
+    except no_retry_errors() as err:
         raise AirflowFailException(str(err)) from err
-    except (NotEnoughData, TargetNotSelected, NothingReleased) as err:
+    except skip_errors() as err:
         raise AirflowSkipException(str(err)) from err

@@ -48,7 +48,7 @@ def store(tmp_path, monkeypatch):
     path = tmp_path / "monitoring.db"
     sqlite3.connect(path).executescript((monitoring_store.SQL_DIR / "monitoring_store.sql").read_text())
     monkeypatch.setenv("AIRFLOW_CONN_TEST_STORE", json.dumps({"conn_type": "sqlite", "host": str(path)}))
-    return runtime.HookStore(runtime.connection("test_store").get_hook())
+    return monitoring_store.HookStore(runtime.connection("test_store").get_hook())
 
 
 def test_the_hook_store_upserts_and_queries_with_named_parameters(store):

@@ -55,7 +55,7 @@ class SqliteStore:
     """``tasks.monitoring_store.Store`` on a SQLite file with the shipped DDL.
 
     The same two calls the DAGs' store answers (``insert_rows`` with ``replace``, and a query
-    whose named parameters SQLAlchemy binds, as the plugin's ``HookStore`` does), so the store's
+    whose named parameters SQLAlchemy binds, as ``monitoring_store.HookStore`` does), so the store's
     SQL runs for real in unit tests.
     """
 

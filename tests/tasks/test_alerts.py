@@ -36,3 +36,22 @@ def test_a_drift_retrain_names_the_dataset_its_training_dag_and_the_psi():
     assert payload["dataset"] == "intrusion_flows" and payload["training_run_id"] == "drift__intrusion_flows__x"
     assert "intrusion_flows v4" in payload["text"] and "of intrusion_flows_training triggered" in payload["text"]
     assert payload["max_psi"] == 0.7
+
+
+def test_a_failed_task_instance_is_labelled_by_its_rendered_map_index_or_its_number():
+    from types import SimpleNamespace
+
+    ti = SimpleNamespace(dag_id="d", task_id="t", run_id="r", try_number=3, map_index=2, rendered_map_index=None)
+    assert alerts.task_failed_of(ti, ValueError("x"))["map_index"] == "2"
+    ti.rendered_map_index = "intrusion_flows"
+    assert alerts.task_failed_of(ti, None)["text"].startswith(":red_circle: d.t [intrusion_flows] failed in r (try 3)")
+    ti.map_index, ti.rendered_map_index, ti.log_url = -1, None, "http://log"
+    unmapped = alerts.task_failed_of(ti, None)
+    assert unmapped["map_index"] is None and unmapped["log_url"] == "http://log"
+
+
+def test_an_aborted_release_names_the_model_version_and_the_reasons():
+    outcome = {"outcome": "aborted", "stage": "canary_10", "reasons": ["p99 800 ms > 500 ms", "PSI 0.4"]}
+    payload = alerts.release_aborted("intrusion_flows", "5", "manual__1", outcome)
+    assert payload["event"] == "release_aborted" and payload["dag_run_id"] == "manual__1"
+    assert payload["text"] == "intrusion_flows v5: p99 800 ms > 500 ms; PSI 0.4" and payload["stage"] == "canary_10"

@@ -130,3 +130,14 @@ def test_two_models_ship_to_their_own_repository_and_fleet(monkeypatch, aws_isol
     ]
     assert "IMAGE_URI=" + flows["image"]["image_uri"] in sent[0]["Parameters"]["commands"]
     assert "IMAGE_URI=" + network["image"]["image_uri"] in sent[1]["Parameters"]["commands"]
+
+
+@pytest.mark.parametrize(
+    ("password", "extra", "missing"), [(None, {"admin_api_key": "a"}, "no password"), ("k", None, "admin_api_key")]
+)
+def test_the_model_server_takes_its_keys_from_the_serving_connection(password, extra, missing):
+    from types import SimpleNamespace
+
+    connection = SimpleNamespace(host=None, port=None, password=password, extra_dejson=extra)
+    with pytest.raises(ValueError, match=missing):
+        delivery.model_server_on(plan(), connection, {})

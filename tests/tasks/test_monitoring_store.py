@@ -162,3 +162,17 @@ def test_one_quality_run_keeps_a_row_per_dataset(store):
         ("intrusion_flows", "retrain"),
         ("network_security", "no_degradation"),
     ]
+
+
+def test_the_hook_store_inserts_through_the_hook_and_queries_through_its_engine(store):
+    from types import SimpleNamespace
+
+    hook = SimpleNamespace(insert_rows=store.insert_rows, get_sqlalchemy_engine=lambda: store.engine)
+    hook_store = ms.HookStore(hook)
+    row = ms.drift_check_row(
+        dag_run_id="a", dataset="network_security", model_name="m", window_start="s", window_end="2026-01-01T10:00",
+        summary={"drift_detected": True}, decision="drift", reason="r", checked_at="t",
+    )  # fmt: skip
+    ms.write(hook_store, "drift_check", [row])
+    assert ms.drift_history(hook_store, "network_security", "2026-01-01T12:00") == [True]
+    assert hook_store.query("SELECT :x + 1 AS y", {"x": 1}) == [{"y": 2}]

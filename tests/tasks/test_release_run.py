@@ -122,3 +122,22 @@ def test_a_retried_rollback_finds_its_own_rollback_done_and_another_one_is_refus
     assert retried == first  # the retried task goes on to the targets
     with pytest.raises(registry.NothingToRollBack, match="no previous_champion"):
         registry.roll_back(tracking_uri=model_registry, model_name="m", reason="again", request_id="run-2")
+
+
+def test_a_completed_release_names_the_new_champion_and_where_it_serves():
+    plan = SimpleNamespace(dataset="intrusion_flows", model_name="intrusion_flows", ds="2026-11-30")
+    done = {"champion_version": "5", "previous_champion_version": "4"}
+    deployed = {"targets": ["local", "ec2"], "local": {"url": "http://127.0.0.1:8000"}}
+    champion, served = release_run.completion_events(plan, done, {"candidate_version": "5"}, deployed, {"run_id": "r1"})
+    assert champion["version"] == "5" and champion["previous_version"] == "4" and champion["mlflow_run_id"] == "r1"
+    assert served == {"model_name": "intrusion_flows", "model_version": "5", "targets": ["local", "ec2"],
+                      "endpoint": "http://127.0.0.1:8000"}  # fmt: skip
+    _, ec2_only = release_run.completion_events(
+        plan, done, {"candidate_version": "5"}, {"targets": ["ec2"]}, {"run_id": "r1"}
+    )
+    assert ec2_only["endpoint"] is None
+
+
+@pytest.mark.parametrize(("approval", "route"), [("manual", "approve_release"), ("auto", "publish_image")])
+def test_a_manual_release_waits_for_a_human_and_an_auto_one_goes_straight_to_the_image(approval, route):
+    assert release_run.approval_route({"approval": approval}) == route

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from tasks.retrain import Signal, StormGuard, decide, run_id
+from tasks.retrain import Signal, StormGuard, decide, run_id, skip_reason
 
 END = dt.datetime(2026, 11, 23, 12, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -132,3 +132,15 @@ def test_a_malformed_signal_is_refused(kind, k):
 def test_no_signal_is_a_programming_error():
     with pytest.raises(ValueError, match="at least one signal"):
         rule([])
+
+
+@pytest.mark.parametrize("trigger", [True, False])
+def test_exactly_one_branch_of_a_mapped_decision_runs_and_the_other_says_why_it_skips(trigger):
+    decision = {"dataset": "flows", "trigger": trigger, "outcome": "no_drift", "reason": "PSI 0.05",
+                "retrain": {"run_id": "drift__flows__1"} if trigger else None}  # fmt: skip
+    runs = [skip_reason(decision, triggers=branch) is None for branch in (True, False)]
+    assert runs == [trigger, not trigger]
+    skipped = skip_reason(decision, triggers=not trigger)
+    assert skipped == (
+        "flows: training run drift__flows__1 triggered" if trigger else "flows: no retraining (no_drift: PSI 0.05)"
+    )
