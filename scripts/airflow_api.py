@@ -123,11 +123,12 @@ class AirflowApi:
         found = self.request("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}/tries")
         return sorted(found["task_instances"], key=lambda ti: ti["try_number"])
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        """One XCom of a task instance (``map_index``: which instance of a mapped task)."""
         entry = self.request(
             "GET",
             f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}/xcomEntries/{key}",
-            params={"stringify": "false", "deserialize": "true"},
+            params={"stringify": "false", "deserialize": "true", "map_index": map_index},
         )
         return entry["value"]
 

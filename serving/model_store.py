@@ -354,10 +354,19 @@ class ModelStore:
                 self.pinned_version = handle.version
                 self._held_version = None
             else:
-                self._held_version = handle.version
+                # Held only while the alias lags behind (a later reload then follows it again once it
+                # caught up); already there (the release moved it first): follow it from now on, so a
+                # rollback of the alias is followed by the next reload.
+                self._held_version = None if self._alias_points_at(handle.version) else handle.version
             return self.swap(handle)
         finally:
             self._reload_lock.release()
+
+    def _alias_points_at(self, version: str) -> bool:
+        try:
+            return self.resolve_version() == version
+        except ModelUnavailable:  # the registry is unreachable: hold the version (the safe side)
+            return False
 
     def wait_until_loaded(self, timeout: float | None = None) -> bool:
         """Block until a model is served (True) or ``timeout`` passed (False)."""

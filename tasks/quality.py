@@ -894,7 +894,9 @@ def plan_quality_check(
     from tasks.plan import PlanError, check_dataset
 
     params = dict(params or {})
-    settings = settings.replace(dataset=check_dataset(params.get("dataset") or settings.dataset, known_datasets))
+    dataset = check_dataset(params.get("dataset") or settings.dataset, known_datasets)
+    model_name = model_name_for(settings, dataset)  # the model-name setting names the settings' own dataset's model
+    settings = settings.replace(dataset=dataset)
     drift_config = load_drift_config()
     try:
         config = (config or load_quality_config()).replace(**{key: params.get(key) for key in QUALITY_OVERRIDES})
@@ -907,7 +909,7 @@ def plan_quality_check(
     spec = load_spec(settings.dataset)
     plan = QualityPlan(
         dataset=spec.name,
-        model_name=model_name_for(settings, spec.name),
+        model_name=model_name,
         raw_prefix=spec.raw_prefix,
         settings=settings,
         config=config,

@@ -159,3 +159,20 @@ def test_a_drift_check_alone_names_only_drift(labelled_day, store):
     _decide(labelled_day, store, AT, False, "q-1")
     decision = drift.decide_retraining(labelled_day, store, drift_check_plan(AT + HOUR), drift_summary(True), "d-1", 0)
     assert decision.conf["signals"] == ["drift"] and "feedback" not in decision.conf
+
+
+def test_each_datasets_quality_check_judges_its_own_model():
+    import datetime as dt
+
+    from tasks.config import Settings
+    from tasks.quality import plan_quality_checks
+
+    settings = Settings(model_name="ns_renamed")  # the setting names network_security's model only
+    plans = plan_quality_checks(
+        settings, {}, dt.datetime(2026, 1, 2, tzinfo=dt.UTC), "scheduled",
+        ["intrusion_flows", "network_security"], lambda model: True,
+    )  # fmt: skip
+    assert {(p.dataset, p.model_name) for p in plans} == {
+        ("intrusion_flows", "intrusion_flows"),
+        ("network_security", "ns_renamed"),
+    }
