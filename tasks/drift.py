@@ -625,15 +625,7 @@ def decide_retraining(
         window_days=config.retrain_window_days,
     )
     if decision.trigger:
-        row = monitoring_store.retrain_row(
-            run_id=decision.run_id,
-            model_name=plan.model_name,
-            conf=decision.conf,
-            window_end=plan.window_end,
-            source_dag_run_id=dag_run_id,
-            requested_at=monitoring_store.now(),
-        )
-        monitoring_store.write(store, "retrain_log", [row])
+        monitoring_store.log_retrain(store, decision, plan.model_name, plan.window_end, dag_run_id)
     record_check(store, plan, dag_run_id, summary, decision)
     log.info("drift decision: %s (%s)", decision.outcome, decision.reason)
     return decision

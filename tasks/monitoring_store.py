@@ -261,3 +261,16 @@ def retrain_request(store: Store, run_id: str) -> dict[str, Any] | None:
 def rows_of_run(store: Store, name: str, dag_run_id: str) -> list[dict[str, Any]]:
     """What one DAG run wrote: ``name`` is ``promotions_of_run``, ``deployments_of_run`` or ``drift_check_of_run``."""
     return query(store, name, dag_run_id=dag_run_id)
+
+
+def log_retrain(store: Store, decision: Any, model_name: str, window_end: str, dag_run_id: str) -> None:
+    """The ``retrain_log`` row of a triggered retrain (drift and quality alike): what the storm guard counts."""
+    row = retrain_row(
+        run_id=decision.run_id,
+        model_name=model_name,
+        conf=decision.conf,
+        window_end=window_end,
+        source_dag_run_id=dag_run_id,
+        requested_at=now(),
+    )
+    write(store, "retrain_log", [row])
