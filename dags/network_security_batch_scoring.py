@@ -33,7 +33,7 @@ from network_security import runtime
 from network_security.dag_parts import default_args, from_plan
 from tasks import batch_scoring
 from tasks.config import BATCH_SCORING_DAG_ID, dag_schedule
-from tasks.plan import plan_run
+from tasks.plan import RunPlan, plan_run
 
 SENSOR_TIMEOUT = timedelta(hours=12)
 
@@ -63,7 +63,7 @@ def network_security_batch_scoring():
         """Resolve dataset, day, model and settings; add the backlog's folder for the sensor."""
         plan = runtime.plan(plan_run, {"ds": params.get("ds"), "dataset": params.get("dataset")}, ds, dag_run.run_type)
         with runtime.failures():
-            plan["backlog"] = batch_scoring.backlog_location(runtime.run_plan(plan), params.get("chunk_rows"))
+            plan["backlog"] = batch_scoring.backlog_location(RunPlan.from_xcom(plan), params.get("chunk_rows"))
         return plan
 
     plan = plan_run_task()
@@ -83,7 +83,7 @@ def network_security_batch_scoring():
     @task
     def score_backlog(plan: dict, params=None, data_interval_end=None) -> dict:
         """Score the day's backlog with the champion in chunks; parquet, rejects, manifest, prediction log."""
-        run = runtime.run_plan(plan)
+        run = RunPlan.from_xcom(plan)
         with runtime.failures():
             return batch_scoring.score_day(
                 runtime.s3(run), run, data_interval_end, params.get("model_version"), params.get("chunk_rows")

@@ -28,7 +28,7 @@ from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_
 from network_security.delivery import deploy_group
 from tasks import delivery
 from tasks.config import DEPLOY_DAG_ID
-from tasks.plan import plan_release
+from tasks.plan import RunPlan, plan_release
 
 
 @dag(
@@ -58,7 +58,7 @@ def network_security_deploy():
     def choose_release(plan: dict, run_id=None) -> dict:
         """For a rollback, move champion back to previous_champion; then the champion is the release."""
         with runtime.failures():
-            return delivery.choose_release(runtime.run_plan(plan), run_id)
+            return delivery.choose_release(RunPlan.from_xcom(plan), run_id)
 
     plan = plan_run()
     chain(plan, ensure_monitoring_store(), choose_release(plan), deploy_group(plan))

@@ -45,7 +45,7 @@ from network_security.links import EvidentlyReportLink, MLflowRunLink, with_link
 from network_security.operators import RetrainTrigger
 from tasks import drift
 from tasks.config import DRIFT_DAG_ID, dag_schedule
-from tasks.plan import plan_checks
+from tasks.plan import CheckPlan, plan_checks
 
 
 @dag(
@@ -82,14 +82,14 @@ def network_security_drift():
     @task(task_id="plan_check")
     def plan_check_task(params=None, data_interval_end=None, dag_run=None) -> list[dict]:
         """Per dataset to check: the settings, its drift configuration and the window."""
-        return runtime.monitoring_plans(plan_checks, params, data_interval_end, dag_run.run_type)
+        return runtime.plan(plan_checks, params, data_interval_end, dag_run.run_type)
 
     plan = plan_check_task()
 
     @task(map_index_template=MAP_INDEX_TEMPLATE)
     def check_drift(plan: dict, run_id=None) -> dict:
         """Evidently PSI of the window against the champion's training data; report to S3 and MLflow."""
-        check = runtime.check_plan(plan)
+        check = CheckPlan.from_xcom(plan)
         label_map_index(check.dataset)
         with runtime.failures():
             return drift.run_check(runtime.s3(check), runtime.store(check), check, run_id)
@@ -97,7 +97,7 @@ def network_security_drift():
     @task(task_id="decide_retraining", map_index_template=MAP_INDEX_TEMPLATE)
     def decide_retraining(plan: dict, summary: dict, run_id=None, ti=None) -> str:
         """Retrain rule and storm protection of this dataset; records the check."""
-        check = runtime.check_plan(plan)
+        check = CheckPlan.from_xcom(plan)
         label_map_index(check.dataset)
         active = runtime.active_training_runs(ti, check.dataset)
         decision = drift.decide_retraining(runtime.s3(check), runtime.store(check), check, summary, run_id, active)

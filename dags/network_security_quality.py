@@ -90,7 +90,7 @@ def network_security_quality():
     @task(task_id="plan_check")
     def plan_check_task(params=None, data_interval_end=None, dag_run=None) -> list[dict]:
         """Per dataset to check: the settings, its quality configuration and the window end."""
-        return runtime.monitoring_plans(quality.plan_quality_checks, params, data_interval_end, dag_run.run_type)
+        return runtime.plan(quality.plan_quality_checks, params, data_interval_end, dag_run.run_type)
 
     plan = plan_check_task()
 

@@ -58,7 +58,7 @@ from network_security.release import release_group
 from tasks import pipeline
 from tasks.config import dag_schedule, training_dag_id, training_pool
 from tasks.dataset_spec import available_datasets
-from tasks.plan import plan_run
+from tasks.plan import RunPlan, plan_run
 
 SENSOR_TIMEOUT = timedelta(hours=12)
 # The pool the body's training tasks name; each dataset's DAG swaps in its own (see below).
@@ -90,7 +90,7 @@ def network_security_training():
     @task(inlets=[assets.RAW_DROPS], outlets=[assets.SNAPSHOTS])
     def ingest(plan: dict, outlet_events=None) -> dict:
         """Read the day's CSV files into one immutable parquet snapshot (an asset event per day)."""
-        run = runtime.run_plan(plan)
+        run = RunPlan.from_xcom(plan)
         with runtime.failures(run):
             snapshot = pipeline.ingest(run, runtime.s3(run))
         outlet_events[assets.SNAPSHOTS].extra = pipeline.snapshot_event(run, snapshot)
@@ -104,13 +104,13 @@ def network_security_training():
     @task
     def transform(plan: dict) -> dict:
         """Stratified split and preprocessing fitted on the train split only."""
-        run = runtime.run_plan(plan)
+        run = RunPlan.from_xcom(plan)
         return pipeline.transform(run, runtime.s3(run))
 
     @task
     def start_training(plan: dict, features: dict, validation_uri: str, dag=None, run_id=None) -> list[dict]:
         """Open the parent MLflow run (lineage, spec, params); one assignment per candidate."""
-        run = runtime.run_plan(plan)
+        run = RunPlan.from_xcom(plan)
         return pipeline.start_training(run, runtime.s3(run), features, validation_uri, dag.dag_id, run_id)
 
     # One mapped task per candidate of include/training.yaml: side by side on as many
@@ -119,13 +119,13 @@ def network_security_training():
     def train_candidate(plan: dict, features: dict, assignment: dict) -> dict:
         """Cross-validate one candidate in its nested MLflow run under the parent run."""
         get_current_context()["candidate_name"] = assignment["candidate"]  # the map index's name in the UI
-        run = runtime.run_plan(plan)
+        run = RunPlan.from_xcom(plan)
         return pipeline.train_candidate(run, runtime.s3(run), features, assignment)
 
     @task(task_id="train", pool=TRAINING_POOL)
     def register_best(plan: dict, features: dict, validation_uri: str, assignments: list, candidates) -> dict:
         """Refit the best candidate on the whole train split and register it as challenger."""
-        run = runtime.run_plan(plan)
+        run = RunPlan.from_xcom(plan)
         # By index up to len(): iterating the lazy sequence reads one past its end (an error in the log).
         scored = [candidates[i] for i in range(len(candidates))]
         return pipeline.register_best(run, runtime.s3(run), features, validation_uri, assignments, scored)
@@ -133,7 +133,7 @@ def network_security_training():
     @task
     def evaluate(plan: dict, features: dict, training: dict, validation_uri: str) -> dict:
         """Score challenger and champion on the same holdout; log metrics, plots and model card."""
-        run = runtime.run_plan(plan)
+        run = RunPlan.from_xcom(plan)
         with runtime.failures(run):
             return pipeline.evaluate(run, runtime.s3(run), features, training, validation_uri)
 
@@ -145,7 +145,7 @@ def network_security_training():
     @task
     def keep_champion(plan: dict, evaluation: dict, run_id=None) -> dict:
         """Leave the aliases untouched and log why."""
-        run = runtime.run_plan(plan)
+        run = RunPlan.from_xcom(plan)
         return pipeline.keep_champion(run, runtime.store(run), evaluation, run_id)
 
     ensure_store = ensure_monitoring_store()

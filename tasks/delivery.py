@@ -7,6 +7,10 @@ release ships to is the plan's ``deploy_targets``: a step whose target is not se
 :class:`TargetNotSelected` (the DAG skips it). The building blocks (ECR, EC2/SSM scripts, the
 smoke test) are in ``tasks.deploy``, the local server in ``tasks.local_server``, the alias moves
 in ``tasks.registry``; the rows in ``tasks.monitoring_store``.
+
+A step's parameters named after a client (``s3``, ``ecr``, ``ec2``, ``ssm``, ``cloudwatch``, ``region``,
+``server``, ``api_key``, ``registry_login``, ``store``) get it from the plan's connections when the DAG
+runs the step (``network_security.runtime.call``); :func:`client_wanted` says which are ``None``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,16 @@ class NothingReleased(RuntimeError):
 
 class SmokeRecordsMissing(deploy.SmokeTestFailed):
     """The release's held-out split is gone: retrying will not bring it back."""
+
+
+# The clients of one deploy target: a step gets ``None`` for them when the plan does not ship there.
+TARGET_CLIENTS = {"server": "local", "api_key": "local", "ec2": "ec2", "ssm": "ec2", "cloudwatch": "ec2"}
+
+
+def client_wanted(plan: RunPlan, client: str) -> bool:
+    """Whether a step gets ``client`` built: always, unless it belongs to a target the plan does not ship to."""
+    target = TARGET_CLIENTS.get(client)
+    return target is None or target in plan.deploy_targets
 
 
 def require_release(release: Mapping[str, Any] | None) -> None:

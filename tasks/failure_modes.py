@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 def no_retry_errors() -> tuple[type[Exception], ...]:
-    """Bad input, bad data, a model that is unsafe to load, a champion moved by another run: fail, no retry."""
+    """Bad input, bad data, an unsafe model, a champion moved by another run, a stopped release: fail, no retry."""
     from tasks.batch_scoring import BatchScoringError
     from tasks.delivery import SmokeRecordsMissing
     from tasks.drift import DriftError
@@ -16,9 +16,10 @@ def no_retry_errors() -> tuple[type[Exception], ...]:
     from tasks.plan import PlanError
     from tasks.quality import QualityError
     from tasks.registry import ChampionMoved, NothingToRollBack
+    from tasks.release_run import ReleaseStopped
 
     no_retry = (PlanError, DriftError, QualityError, BatchScoringError, NothingToRollBack, SmokeRecordsMissing)
-    return (*no_retry, ChampionMoved, UnsafeModel)
+    return (*no_retry, ChampionMoved, UnsafeModel, ReleaseStopped)
 
 
 def skip_errors() -> tuple[type[Exception], ...]:

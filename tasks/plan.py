@@ -25,7 +25,7 @@ from typing import Any
 
 from tasks.config import Settings, model_name_for
 from tasks.dataset_spec import DatasetSpec, load_spec
-from tasks.datasets import NothingMonitored, monitored_datasets
+from tasks.datasets import NothingMonitored, champion_lookup, monitored_datasets
 from tasks.deploy import parse_targets
 from tasks.drift import DriftConfig, window
 from tasks.layout import DayLayout, check_ds
@@ -334,7 +334,7 @@ def plan_checks(
     window_end: dt.datetime,
     run_type: Any,
     known_datasets: Sequence[str],
-    has_champion: Callable[[str], bool],
+    has_champion: Callable[[str], bool] | None = None,
     config_for: Callable[..., DriftConfig] | None = None,
 ) -> list[CheckPlan]:
     """One drift check per monitored dataset (``tasks.datasets.monitored_datasets``), each with its own config.
@@ -342,7 +342,8 @@ def plan_checks(
     Args:
         config_for: The drift configuration of a dataset, ``config_for(dataset=name)``; default
             ``tasks.drift.load_drift_config`` (``include/drift.yaml`` with its overrides).
-        has_champion: Whether a registered model has a champion.
+        has_champion: Whether a registered model has a champion; default: asks the settings' MLflow
+            registry (``tasks.datasets.champion_lookup``, which fails fast when the server is down).
 
     Raises:
         PlanError: An unknown dataset, an invalid override, or no dataset with a champion.
@@ -350,6 +351,7 @@ def plan_checks(
     if config_for is None:
         from tasks.drift import load_drift_config as config_for
     params = dict(params or {})
+    has_champion = has_champion or champion_lookup(settings.mlflow_tracking_uri)
     try:
         datasets = monitored_datasets(settings, known_datasets, has_champion, params.get("dataset"))
     except (NothingMonitored, ValueError) as err:

@@ -854,17 +854,19 @@ def plan_quality_checks(
     window_end: dt.datetime,
     run_type: Any,
     known_datasets: list[str],
-    has_champion: Any,
+    has_champion: Any = None,
 ) -> list[QualityPlan]:
-    """One quality check per monitored dataset (``tasks.datasets.monitored_datasets``), as the drift DAG plans.
+    """One quality check per monitored dataset (``tasks.datasets.monitored_datasets``), as the drift DAG plans
+    (``has_champion``: as ``tasks.plan.plan_checks``'s).
 
     Raises:
         PlanError: An unknown dataset, an invalid override, or no dataset with a champion.
     """
-    from tasks.datasets import NothingMonitored, monitored_datasets
+    from tasks.datasets import NothingMonitored, champion_lookup, monitored_datasets
     from tasks.plan import PlanError
 
     params = dict(params or {})
+    has_champion = has_champion or champion_lookup(settings.mlflow_tracking_uri)
     try:
         datasets = monitored_datasets(settings, known_datasets, has_champion, params.get("dataset"))
     except (NothingMonitored, ValueError) as err:

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from tasks import deploy, monitoring_store, registry, release
+from tasks import delivery, deploy, monitoring_store, registry, release
 
 if TYPE_CHECKING:
     from tasks.local_server import LocalServer
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 class ReleaseTargetFailed(deploy.DeployFailed):
     """A target did not do what the release asked (an SSM command failed, the server refused)."""
+
+
+class ReleaseStopped(RuntimeError):
+    """The release aborted (rolled back) or stopped before completing: the run fails, a retry cannot help."""
 
 
 def candidate(plan: RunPlan, store: Store, evaluation: Mapping[str, Any], dag_run_id: str) -> dict[str, Any]:
@@ -54,6 +58,16 @@ def candidate(plan: RunPlan, store: Store, evaluation: Mapping[str, Any], dag_ru
     }
 
 
+def candidate_release(chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """The candidate as a release of ``tasks.delivery`` (its ``model_version`` is the candidate's)."""
+    return {**chosen, "model_version": chosen["candidate_version"]}
+
+
+def publish_candidate(ecr: Any, chosen: Mapping[str, Any], registry_login: Any = None) -> dict[str, Any]:
+    """The candidate's serving image in ECR (scan on push, immutable tag = model version)."""
+    return delivery.publish(ecr, candidate_release(chosen), registry_login)
+
+
 def ec2_command(
     plan: RunPlan, ssm: Any, fleet: Mapping[str, Any], action: str, version: str, region: str, *, image: str = "",
     arg: str = "",
@@ -76,19 +90,21 @@ def ec2_command(
 def deploy_candidate(
     plan: RunPlan,
     chosen: Mapping[str, Any],
+    image: Mapping[str, Any],
     *,
     server: LocalServer | None,
-    fleet: Mapping[str, Any] | None,
-    image: Mapping[str, Any] | None,
+    ec2: Any,
     ssm: Any,
     cloudwatch: Any,
     region: str,
 ) -> dict[str, Any]:
-    """The candidate next to the baseline on every target, no traffic yet.
+    """The candidate beside the baseline on every target (EC2: idle slot, smoke-tested; no traffic).
 
-    Local: the server runs and serves the baseline (champion). EC2: the candidate in the idle slot,
-    smoke-tested there by ``rollout.sh`` before any traffic; its CloudWatch alarms created.
+    Local: the server runs and serves the baseline (champion). EC2 (``ec2`` given: the plan ships
+    there): the tagged fleet, the candidate in its idle slot, smoke-tested there by ``rollout.sh``
+    before any traffic; its CloudWatch alarms created.
     """
+    fleet = delivery.fleet(plan, ec2, ssm, region, candidate_release(chosen), image) if ec2 is not None else None
     out: dict[str, Any] = {"targets": []}
     version = chosen["candidate_version"]
     if server is not None:
@@ -101,7 +117,7 @@ def deploy_candidate(
             raise ReleaseTargetFailed(
                 f"the local server serves v{served['new_version']}, the run read champion v{chosen['baseline_version']}"
             )
-    if fleet is not None and image is not None:
+    if fleet is not None:
         sent = ec2_command(plan, ssm, fleet, "stage", version, region, image=image["image_uri"])
         alarms = deploy.ensure_release_alarms(
             cloudwatch, deploy.load_deploy_config().cloudwatch, model_name=plan.model_name, version=version,
@@ -174,6 +190,18 @@ def canary_poke(
             local = release.verdict(release.PASS, [f"canary {percent} %: no CloudWatch alarm in ALARM"], {})
     stage = release.combine(local, alarms)
     return {**stage, "percent": percent}
+
+
+def stage_poke(
+    stage: str, plan: RunPlan, chosen: Mapping[str, Any], deployed: Mapping[str, Any], *, server: LocalServer | None,
+    ssm: Any, cloudwatch: Any, region: str, fault: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One look at a stage: ``shadow`` (mirrored traffic scored by the candidate; agreement, score PSI, p99) or
+    ``canary_<percent>`` (the candidate answers this share of request ids for the bake time; ``fault`` applies)."""
+    clients = {"server": server, "ssm": ssm, "cloudwatch": cloudwatch, "region": region}
+    if stage == "shadow":
+        return shadow_poke(plan, chosen, deployed, **clients)
+    return canary_poke(plan, chosen, deployed, int(stage.removeprefix("canary_")), fault=fault, **clients)
 
 
 def _rows(chosen: Mapping[str, Any], deployed: Mapping[str, Any], status: str, detail: Mapping[str, Any],
@@ -297,6 +325,26 @@ def outcome_of(
     if decision.approved:
         return "incomplete", "the release stopped before completing (see the failed task)"
     return "not_released", decision
+
+
+def finish(
+    plan: RunPlan, store: Store, evaluation: Mapping[str, Any], dag_run_id: str, chosen: Mapping[str, Any] | None,
+    completed: Mapping[str, Any] | None, aborted: Mapping[str, Any] | None, approval_response: Mapping[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """What became of the candidate (:func:`outcome_of`): completed, or not released (logged by :func:`not_released`).
+
+    Raises:
+        tasks.delivery.NothingReleased: The gate kept the champion (the task skips).
+        ReleaseStopped: The release aborted, or stopped before completing (the run fails).
+    """
+    kind, value = outcome_of(chosen, completed, aborted, approval_response)
+    if kind == "no_candidate":
+        raise delivery.NothingReleased(value)
+    if kind in ("aborted", "incomplete"):
+        raise ReleaseStopped(value)
+    if kind == "not_released":
+        return not_released(plan, store, evaluation, value, dag_run_id)
+    return value
 
 
 def first_abort(verdicts: list[Mapping[str, Any] | None]) -> tuple[str, dict[str, Any] | None]:

@@ -1,16 +1,18 @@
-"""What every DAG file shares: ``default_args``, the monitoring store's DDL task, templates of the plan.
+"""What every DAG file shares: ``default_args``, the monitoring store's DDL task, templates of the plan, steps.
 
 Operators read connection ids from the run plan at run time (templates): nothing here reads settings at parse time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from network_security import alerts
+from network_security import alerts, runtime
 from tasks.config import task_retry_delay
+from tasks.plan import RunPlan
 from tasks.retrain import skip_reason
 
 INCLUDE = Path(__file__).resolve().parents[2] / "include"
@@ -32,6 +34,24 @@ def from_plan(*path: str | int, plan_task_id: str = "plan_run") -> str:
     """A template of one value of the plan in XCom, e.g. ``from_plan("settings", "aws_conn_id")``."""
     keys = "".join(f"[{key!r}]" for key in path)
     return f"{{{{ ti.xcom_pull(task_ids={plan_task_id!r}){keys} }}}}"
+
+
+def step(task_id: str, call: Callable[..., Any], **task_args: Any) -> Any:
+    """A task running ``call`` (a step of ``tasks/``) through ``runtime.call``; its doc is ``call``'s docstring, and
+    each key of the mapping it returns is an XCom too (as for a ``-> dict`` task).
+
+    ``step("ec2_fleet", delivery.fleet)(plan, release, image)``: ``fleet(plan, ec2, ssm, region, release,
+    image)`` on the run plan, the plan's ``ec2``/``ssm`` clients and region, and the two upstream values.
+    """
+    from airflow.sdk import task
+
+    @task(task_id=task_id, doc_md=call.__doc__, multiple_outputs=True, **task_args)
+    def run_step(plan: dict, *values: Any) -> Any:
+        run = RunPlan.from_xcom(plan)
+        with runtime.failures(run):
+            return runtime.call(call, run, *values)
+
+    return run_step
 
 
 def ensure_monitoring_store(plan_task_id: str = "plan_run", *within: str | int) -> Any:

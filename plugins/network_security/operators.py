@@ -11,12 +11,11 @@ from great_expectations_provider.operators.validate_batch import GXValidateBatch
 from network_security import runtime
 from network_security.dag_parts import MAP_INDEX_TEMPLATE, label_map_index
 from network_security.links import ValidationResultLink
+from tasks.plan import RunPlan
 from tasks.retrain import skip_reason
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-    from tasks.plan import RunPlan
 
 
 class SnapshotValidationOperator(GXValidateBatchOperator):
@@ -53,7 +52,7 @@ class SnapshotValidationOperator(GXValidateBatchOperator):
     def execute(self, context: Context) -> str:
         from tasks.validate import describe_failures, write_validation_result
 
-        self._plan = plan = runtime.run_plan(context["ti"].xcom_pull(task_ids=self.plan_task_id))
+        self._plan = plan = RunPlan.from_xcom(context["ti"].xcom_pull(task_ids=self.plan_task_id))
         # Rebind to this instance: Airflow runs a copy of the operator built at parse time,
         # and the callables given to __init__ are bound to the original.
         self.configure_batch_definition = self._batch_definition

@@ -11,9 +11,10 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import PokeReturnValue, TaskGroup, TriggerRule, chain, task
 
 from network_security import alerts, assets, runtime
-from network_security.delivery import _local_server, _registry_login
+from network_security.dag_parts import step
 from tasks import delivery, release, release_run
 from tasks.alerts import release_aborted
+from tasks.plan import RunPlan
 from tasks.release import ReleaseAborted
 
 GROUP_ID = "release"
@@ -21,44 +22,36 @@ ALIASES_POOL = "aliases"
 POKE_SECONDS = 2  # fixed at parse time (no I/O then); AWS fleets bake minutes, 2 s pokes cost little
 STAGE_TIMEOUT = timedelta(hours=6)
 APPROVAL_TIMEOUT = timedelta(minutes=release.ApprovalConfig().timeout_minutes)
-
-
-def _targets(plan: dict, *, cloudwatch: bool = True) -> tuple[Any, dict[str, Any]]:
-    """The run plan and the clients of its targets, as the ``release_run`` steps' keyword arguments."""
-    run = runtime.run_plan(plan)
-    ec2 = "ec2" in run.deploy_targets
-    targets = {"server": _local_server(run)[0] if "local" in run.deploy_targets else None,
-               "ssm": runtime.aws_client(run, "ssm") if ec2 else None, "region": runtime.aws_region(run)}  # fmt: skip
-    if cloudwatch:
-        targets["cloudwatch"] = runtime.aws_client(run, "cloudwatch") if ec2 else None
-    return run, targets
+STAGES = ("shadow", "canary_10", "canary_50", "canary_100")
 
 
 def _pull(ti: Any, *task_ids: str, key: str = "return_value") -> list[Any]:
     return [ti.xcom_pull(task_ids=f"{GROUP_ID}.{t}", key=key) for t in task_ids]
 
 
-def _stage_result(stage: str, verdict: dict, ti: Any) -> PokeReturnValue:
-    """Done or poke again; an abort fails the stage for good, its verdict kept as XCom ``abort_verdict``."""
-    if verdict["status"] == release.ABORT:
-        from airflow.sdk.exceptions import AirflowFailException
+def stage_sensor(stage: str) -> Any:
+    """The reschedule-mode sensor of one stage: done or poke again; an abort fails the stage for good, its verdict
+    kept as XCom ``abort_verdict`` (for ``abort``)."""
 
-        ti.xcom_push(key="abort_verdict", value={**verdict, "stage": stage})
-        raise AirflowFailException(str(ReleaseAborted(stage, verdict)))
-    return PokeReturnValue(is_done=release.done(verdict), xcom_value=verdict)
+    @task.sensor(task_id=stage, poke_interval=POKE_SECONDS, timeout=STAGE_TIMEOUT.total_seconds(),
+                 mode="reschedule", doc_md=release_run.stage_poke.__doc__)  # fmt: skip
+    def poke(plan: dict, chosen: dict, deployed: dict, dag_run=None, ti=None) -> PokeReturnValue:
+        fault = (dag_run.conf or {}).get("release_fault") if dag_run else None
+        verdict = runtime.call(release_run.stage_poke, RunPlan.from_xcom(plan), stage, chosen, deployed, fault=fault)
+        if verdict["status"] == release.ABORT:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            ti.xcom_push(key="abort_verdict", value={**verdict, "stage": stage})
+            raise AirflowFailException(str(ReleaseAborted(stage, verdict)))
+        return PokeReturnValue(is_done=release.done(verdict), xcom_value=verdict)
+
+    return poke
 
 
-def release_group(plan: Any, evaluation: Any, *, steps: tuple[int, ...] = (10, 50, 100)) -> TaskGroup:
+def release_group(plan: Any, evaluation: Any) -> TaskGroup:
     """Build the ``release`` group after the gate's ``promote`` branch (``candidate`` is its first task)."""
     evaluation_task_id = evaluation.operator.task_id
-    stage_ids = ["shadow", *[f"canary_{p}" for p in steps]]
     with TaskGroup(GROUP_ID, tooltip="Candidate -> approval -> shadow -> canary steps -> champion") as group:
-
-        @task(task_id="candidate")
-        def candidate(plan: dict, evaluation: dict, run_id=None) -> dict:
-            """The gate passed: the challenger is a candidate (champion unchanged until the release completes)."""
-            run = runtime.run_plan(plan)
-            return release_run.candidate(run, runtime.store(run), evaluation, run_id)
 
         @task.branch(task_id="route_approval")
         def route_approval(chosen: dict) -> str:
@@ -76,51 +69,13 @@ def release_group(plan: Any, evaluation: Any, *, steps: tuple[int, ...] = (10, 5
             "metrics. Reject or timeout: no release, champion untouched.",
         )
 
-        @task(task_id="publish_image", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-        def publish_image(plan: dict, chosen: dict) -> dict:
-            """The candidate's serving image in ECR (scan on push, immutable tag = model version)."""
-            run = runtime.run_plan(plan)
-            release_info = {**chosen, "model_version": chosen["candidate_version"]}
-            return delivery.publish(runtime.aws_client(run, "ecr"), release_info, _registry_login(run))
-
-        @task(task_id="deploy_candidate")
-        def deploy_candidate(plan: dict, chosen: dict, image: dict) -> dict:
-            """The candidate beside the baseline on every target (EC2: idle slot, smoke-tested; no traffic)."""
-            run, targets = _targets(plan)
-            fleet = None
-            if "ec2" in run.deploy_targets:
-                release_info = {**chosen, "model_version": chosen["candidate_version"]}
-                ec2 = runtime.aws_client(run, "ec2")
-                fleet = delivery.fleet(run, ec2, targets["ssm"], targets["region"], release_info, image)
-            return release_run.deploy_candidate(run, chosen, fleet=fleet, image=image if fleet else None, **targets)
-
-        @task.sensor(task_id="shadow", poke_interval=POKE_SECONDS, timeout=STAGE_TIMEOUT.total_seconds(),
-                     mode="reschedule")  # fmt: skip
-        def shadow(plan: dict, chosen: dict, deployed: dict, ti=None) -> PokeReturnValue:
-            """Mirrored traffic scored by the candidate; passes on agreement, score PSI and p99 (reschedule mode)."""
-            run, targets = _targets(plan)
-            return _stage_result("shadow", release_run.shadow_poke(run, chosen, deployed, **targets), ti)
-
-        def canary_step(percent: int) -> Any:
-            @task.sensor(task_id=f"canary_{percent}", poke_interval=POKE_SECONDS,
-                         timeout=STAGE_TIMEOUT.total_seconds(), mode="reschedule")  # fmt: skip
-            def canary(plan: dict, chosen: dict, deployed: dict, dag_run=None, ti=None) -> PokeReturnValue:
-                """A canary step: the candidate answers this share of request ids for the bake time."""
-                run, targets = _targets(plan)
-                fault = (dag_run.conf or {}).get("release_fault") if dag_run else None
-                verdict = release_run.canary_poke(run, chosen, deployed, percent, fault=fault, **targets)
-                return _stage_result(f"canary_{percent}", verdict, ti)
-
-            return canary
-
         @task(task_id="complete", pool=ALIASES_POOL, outlets=[assets.CHAMPION, assets.SERVED_MODEL])
         def complete(plan: dict, chosen: dict, deployed: dict, evaluation: dict, ti=None, outlet_events=None) -> dict:
             """Every stage passed: champion -> candidate (compare-and-swap), 100 % on every target."""
-            run, targets = _targets(plan, cloudwatch=False)
-            stages = dict(zip(stage_ids, _pull(ti, *stage_ids), strict=True))
+            run = RunPlan.from_xcom(plan)
+            stages = dict(zip(STAGES, _pull(ti, *STAGES), strict=True))
             with runtime.failures(run):  # another run moved champion meanwhile: fail (no retry), then abort
-                done = release_run.complete(run, runtime.store(run), chosen, deployed, stages, **targets,
-                                            evaluation=evaluation)  # fmt: skip
+                done = runtime.call(release_run.complete, run, chosen, deployed, stages, evaluation=evaluation)
             champion, served = release_run.completion_events(run, done, chosen, deployed, evaluation)
             outlet_events[assets.CHAMPION].extra, outlet_events[assets.SERVED_MODEL].extra = champion, served
             return done
@@ -128,38 +83,33 @@ def release_group(plan: Any, evaluation: Any, *, steps: tuple[int, ...] = (10, 5
         @task(task_id="abort", trigger_rule=TriggerRule.ONE_FAILED)
         def abort(plan: dict, run_id=None, ti=None) -> dict:
             """A stage failed: weight 0 on every target, the baseline serves, champion untouched; logged, alerted."""
-            chosen, deployed = _pull(ti, "candidate", "deploy_candidate")
-            if chosen is None:  # the run failed before the release: nothing to abort (its own failure stands)
-                from airflow.sdk.exceptions import AirflowSkipException
-
-                raise AirflowSkipException("no release candidate: nothing was deployed, nothing to abort")
-            stage, verdict = release_run.first_abort(_pull(ti, *stage_ids, key="abort_verdict"))
-            run, targets = _targets(plan, cloudwatch=False)
-            outcome = release_run.abort(run, runtime.store(run), chosen, deployed, stage, verdict, **targets,
-                                        evaluation=ti.xcom_pull(task_ids=evaluation_task_id))  # fmt: skip
+            chosen, deployed, evaluation = [
+                *_pull(ti, "candidate", "deploy_candidate"),
+                ti.xcom_pull(task_ids=evaluation_task_id),
+            ]
+            with runtime.failures():  # the run failed before the release: nothing to abort (its own failure stands)
+                delivery.require_release(chosen)
+            stage, verdict = release_run.first_abort(_pull(ti, *STAGES, key="abort_verdict"))
+            run = RunPlan.from_xcom(plan)
+            outcome = runtime.call(release_run.abort, run, chosen, deployed, stage, verdict, evaluation=evaluation)
             alerts.send(release_aborted(run.model_name, chosen["candidate_version"], run_id, outcome))
             return outcome
 
         @task(task_id="outcome", trigger_rule=TriggerRule.ALL_DONE)
-        def outcome(plan: dict, evaluation: dict, run_id=None, ti=None) -> dict:
+        def outcome(plan: dict, evaluation: dict, ti=None) -> dict:
             """What became of the candidate: completed, aborted (the run fails), or not released (approval)."""
-            from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+            run = RunPlan.from_xcom(plan)
+            with runtime.failures(run):
+                pulled = _pull(ti, "candidate", "complete", "abort", "approve_release")
+                return runtime.call(release_run.finish, run, evaluation, *pulled)
 
-            kind, value = release_run.outcome_of(*_pull(ti, "candidate", "complete", "abort", "approve_release"))
-            if kind == "no_candidate":
-                raise AirflowSkipException(value)
-            if kind in ("aborted", "incomplete"):
-                raise AirflowFailException(value)
-            if kind == "not_released":
-                run = runtime.run_plan(plan)
-                return release_run.not_released(run, runtime.store(run), evaluation, value, run_id)
-            return value
-
-        chosen = candidate(plan, evaluation)
+        chosen = step("candidate", release_run.candidate)(plan, evaluation)
         route = route_approval(chosen)
-        image = publish_image(plan, chosen)
-        deployed = deploy_candidate(plan, chosen, image)
-        stages = [shadow(plan, chosen, deployed), *[canary_step(p)(plan, chosen, deployed) for p in steps]]
+        image = step(
+            "publish_image", release_run.publish_candidate, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS
+        )(plan, chosen)
+        deployed = step("deploy_candidate", release_run.deploy_candidate)(plan, chosen, image)
+        stages = [stage_sensor(stage)(plan, chosen, deployed) for stage in STAGES]
         completed = complete(plan, chosen, deployed, evaluation)
         chain(route, [approve_release, image])
         chain(approve_release, image)

@@ -5,8 +5,11 @@ clients and a SQL store from the plan's connections, and the domain errors of ``
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
+
+from airflow.sdk import get_current_context
 
 from tasks.config import SETTINGS_VARIABLE, Settings, training_dag_id
 from tasks.plan import CheckPlan, RunPlan
@@ -19,33 +22,14 @@ def settings() -> Settings:
     return Settings.load(Variable.get(SETTINGS_VARIABLE, default="{}"))
 
 
-def plan(build: Callable[..., RunPlan | CheckPlan], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``build`` (a planner of ``tasks.plan``) on the Variable's settings and known datasets, as XCom."""
+def plan(build: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
+    """``build`` (a planner of ``tasks.plan``; the monitoring ones plan a list) on the Variable's settings and the
+    known datasets, as XCom."""
     from tasks.dataset_spec import available_datasets
 
     with failures():
-        return build(settings(), *args, known_datasets=available_datasets(), **kwargs).to_xcom()
-
-
-def monitoring_plans(
-    build: Callable[..., list], params: Mapping[str, Any] | None, window_end: Any, run_type: Any
-) -> list:
-    """``build`` (``plan_checks``, ``plan_quality_checks``): one check per dataset with a champion, as XCom."""
-    from tasks.dataset_spec import available_datasets
-    from tasks.datasets import champion_lookup
-
-    with failures():
-        current = settings()
-        has_champion = champion_lookup(current.mlflow_tracking_uri)
-        return [c.to_xcom() for c in build(current, params, window_end, run_type, available_datasets(), has_champion)]
-
-
-def run_plan(values: Mapping[str, Any]) -> RunPlan:
-    return RunPlan.from_xcom(values)
-
-
-def check_plan(values: Mapping[str, Any]) -> CheckPlan:
-    return CheckPlan.from_xcom(values)
+        built = build(settings(), *args, known_datasets=available_datasets(), **kwargs)
+    return [each.to_xcom() for each in built] if isinstance(built, list) else built.to_xcom()
 
 
 def _s3_hook(aws_conn_id: str) -> Any:
@@ -99,6 +83,50 @@ def store(plan: RunPlan | CheckPlan) -> Any:
     from tasks.monitoring_store import HookStore
 
     return HookStore(connection(plan.settings.monitoring_conn_id).get_hook())
+
+
+def local_server(plan: RunPlan) -> Any:
+    """The local model server on the plan's serving connection (its password is the API key)."""
+    from tasks.delivery import model_server_on
+
+    return model_server_on(plan, connection(plan.settings.serving_conn_id), aws_options(plan))
+
+
+def registry_login(plan: RunPlan) -> Callable[[], tuple[str, str]]:
+    """ECR's temporary docker credentials on the plan's AWS connection, fetched when an image is pushed."""
+    from airflow.providers.amazon.aws.hooks.ecr import EcrHook
+
+    def login() -> tuple[str, str]:
+        credentials = EcrHook(aws_conn_id=plan.settings.aws_conn_id).get_temporary_credentials()[0]
+        return credentials.username, credentials.password
+
+    return login
+
+
+# What a step's parameters may name (``tasks.delivery``'s docstring), built from the plan when the step runs.
+PROVIDED: dict[str, Callable[[RunPlan], Any]] = {
+    "s3": s3,
+    **{name: lambda plan, name=name: aws_client(plan, name) for name in ("ecr", "ec2", "ssm", "cloudwatch")},
+    "region": aws_region,
+    "store": store,
+    "server": local_server,
+    "api_key": lambda plan: connection(plan.settings.serving_conn_id).password,
+    "registry_login": registry_login,
+    "dag_run_id": lambda plan: get_current_context()["run_id"],
+}
+
+
+def call(step: Callable[..., Any], plan: RunPlan, *values: Any, **named: Any) -> Any:
+    """``step`` (a function of ``tasks/``) on the plan, the clients its parameters name (``PROVIDED``; ``None``
+    for a target the plan does not ship to: ``tasks.delivery.client_wanted``), then ``values`` in order."""
+    from tasks.delivery import client_wanted
+
+    parameters = inspect.signature(step).parameters
+    given = {"plan": plan} if "plan" in parameters else {}
+    for name in PROVIDED.keys() & parameters.keys():
+        given[name] = PROVIDED[name](plan) if client_wanted(plan, name) else None
+    free = [n for n, p in parameters.items() if n not in {**given, **named} and p.kind is p.POSITIONAL_OR_KEYWORD]
+    return step(**given, **dict(zip(free[: len(values)], values, strict=True)), **named)
 
 
 def active_training_runs(ti: Any, dataset: str) -> int:
