@@ -215,3 +215,16 @@ def test_a_named_dataset_is_checked_even_without_a_champion():
 def test_check_plans_refuse_bad_input_and_nothing_to_watch(params, champions, words):
     with pytest.raises(PlanError, match=words):
         checks(params, champions=champions)
+
+
+def test_without_a_lookup_the_checks_ask_the_settings_registry_which_models_have_a_champion(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    for model in KNOWN:
+        client.create_registered_model(model)
+        client.create_model_version(model, source=(tmp_path / "model").as_uri())
+    client.set_registered_model_alias("intrusion_flows", "champion", "1")  # network_security has none
+    plans = plan_checks(SETTINGS.replace(mlflow_tracking_uri=uri), {}, END, "scheduled", KNOWN)
+    assert [c.dataset for c in plans] == ["intrusion_flows"]

@@ -141,3 +141,42 @@ def test_a_completed_release_names_the_new_champion_and_where_it_serves():
 @pytest.mark.parametrize(("approval", "route"), [("manual", "approve_release"), ("auto", "publish_image")])
 def test_a_manual_release_waits_for_a_human_and_an_auto_one_goes_straight_to_the_image(approval, route):
     assert release_run.approval_route({"approval": approval}) == route
+
+
+@pytest.mark.parametrize(
+    ("chosen", "completed", "aborted", "response", "error", "words"),
+    [
+        (None, None, None, None, "NothingReleased", "the gate kept the champion"),
+        (CHOSEN, None, {"stage": "canary_10", "reasons": ["5xx"]}, None, "ReleaseStopped", "aborted at canary_10"),
+        ({**CHOSEN, "approval": "manual"}, None, None, {"chosen_options": ["Approve"]}, "ReleaseStopped", "stopped"),
+    ],
+)
+def test_a_release_that_did_not_complete_skips_or_fails_the_outcome(chosen, completed, aborted, response, error, words):
+    from tasks import delivery
+
+    expected = {"NothingReleased": delivery.NothingReleased, "ReleaseStopped": release_run.ReleaseStopped}[error]
+    with pytest.raises(expected, match=words):
+        release_run.finish(None, None, {}, "d", chosen, completed, aborted, response)
+
+
+def test_a_completed_release_is_the_outcome():
+    done = {"outcome": "completed", "champion_version": "2"}
+    assert release_run.finish(None, None, {}, "d", CHOSEN, done, None, None) == done
+
+
+@pytest.mark.parametrize(("stage", "words"), [("shadow", "shadow: "), ("canary_50", "canary 50 %: ")])
+def test_each_stage_pokes_its_own_check(stage, words):
+    plan = SimpleNamespace(model_name="m", trigger={})
+    clients = {"server": None, "ssm": None, "cloudwatch": None, "region": "us-east-1"}
+    verdict = release_run.stage_poke(stage, plan, {**CHOSEN, "first_release": True}, {"targets": []}, **clients)
+    assert verdict["reasons"][0].startswith(words)
+    assert release.done(verdict)
+
+
+def test_the_candidate_ships_as_its_own_version_and_only_to_the_targets_given():
+    assert release_run.candidate_release(CHOSEN)["model_version"] == "2"
+    nothing = release_run.deploy_candidate(
+        SimpleNamespace(model_name="m"), CHOSEN, {"image_uri": "i"}, server=None, ec2=None, ssm=None, cloudwatch=None,
+        region="us-east-1",
+    )  # fmt: skip
+    assert nothing == {"targets": []}
