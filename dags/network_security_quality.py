@@ -43,10 +43,9 @@ from network_security.dag_parts import (
     default_args,
     ensure_monitoring_store,
     label_map_index,
-    no_retraining,
 )
 from network_security.links import EvidentlyReportLink, MLflowRunLink, with_links
-from network_security.operators import RetrainTrigger
+from network_security.operators import RetrainTrigger, no_retraining
 from tasks import drift, quality
 from tasks.config import QUALITY_DAG_ID, dag_schedule
 

@@ -75,6 +75,22 @@ def drift_retraining(dag_id: str, run_id: str, decision: dict[str, Any], summary
     }
 
 
+def retraining_triggered(
+    dag_id: str,
+    run_id: str,
+    decision: dict[str, Any] | None,
+    drift: dict[str, Any] | None,
+    quality: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The payload of a triggered retrain: the drift DAG's (its check's summary ``drift``) or the quality DAG's."""
+    from tasks.quality import retraining_alert
+
+    decision = decision or {}
+    if drift:
+        return drift_retraining(dag_id, run_id, decision, drift)
+    return retraining_alert(dag_id, run_id, quality or {}, decision.get("retrain") or {})
+
+
 def release_aborted(model_name: str, version: str, dag_run_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
     """A release stage that aborted and rolled back (``outcome``: ``tasks.release_run.abort``'s)."""
     text = f"{model_name} v{version}: {'; '.join(outcome['reasons'])}"

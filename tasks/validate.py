@@ -188,6 +188,11 @@ def _expected(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "see the suite"
 
 
+def rejection_reason(result: dict[str, Any], failure: Exception, result_uri: str) -> str:
+    """Why a failed validation rejects the drop: the failed expectations (else the error) and where the result is."""
+    return f"{'; '.join(describe_failures(result)) or failure} (full result: {result_uri})"
+
+
 def write_validation_result(client: Any, layout: DayLayout, result: dict[str, Any]) -> str:
     """Store the GX result (JSON) and a readable Markdown report; return the JSON's URI."""
     failures = describe_failures(result)

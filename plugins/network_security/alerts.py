@@ -16,17 +16,13 @@ log = logging.getLogger(__name__)
 DEFAULT_CONN_ID = "alerts_webhook"
 
 
-def webhook_conn_id() -> str:
-    return os.environ.get("NS_ALERTS_CONN_ID", DEFAULT_CONN_ID)
-
-
 def send(payload: dict[str, Any], conn_id: str | None = None) -> bool:
     """POST ``payload`` to the webhook connection; False when none is configured or delivery failed."""
     from airflow.providers.http.hooks.http import HttpHook
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    conn_id = conn_id or webhook_conn_id()
+    conn_id = conn_id or os.environ.get("NS_ALERTS_CONN_ID", DEFAULT_CONN_ID)
     try:
         connection = BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
@@ -56,14 +52,9 @@ def on_task_failure(context: dict[str, Any]) -> None:
 
 def on_retraining_triggered(context: dict[str, Any]) -> None:
     """``on_success_callback`` of the drift and quality DAGs' ``trigger_retraining``: a retrain triggered."""
-    from tasks.alerts import drift_retraining
-    from tasks.quality import retraining_alert
+    from tasks.alerts import retraining_triggered
 
     ti = context["ti"]
-    decision = ti.xcom_pull(task_ids="decide_retraining", key="decision", map_indexes=ti.map_index) or {}
-    drift = ti.xcom_pull(task_ids="check_drift", map_indexes=ti.map_index)
-    if drift:
-        send(drift_retraining(ti.dag_id, ti.run_id, decision, drift))
-    else:  # the quality DAG
-        summary = ti.xcom_pull(task_ids="check_quality", map_indexes=ti.map_index) or {}
-        send(retraining_alert(ti.dag_id, ti.run_id, summary, decision.get("retrain") or {}))
+    pulled = [("decide_retraining", "decision"), ("check_drift", "return_value"), ("check_quality", "return_value")]
+    values = [ti.xcom_pull(task_ids=task_id, key=key, map_indexes=ti.map_index) for task_id, key in pulled]
+    send(retraining_triggered(ti.dag_id, ti.run_id, *values))

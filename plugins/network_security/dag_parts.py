@@ -10,10 +10,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from airflow.sdk import get_current_context, task
+
 from network_security import alerts, runtime
 from tasks.config import task_retry_delay
 from tasks.plan import RunPlan
-from tasks.retrain import skip_reason
 
 INCLUDE = Path(__file__).resolve().parents[2] / "include"
 OWNER = "ml-platform"
@@ -43,7 +44,6 @@ def step(task_id: str, call: Callable[..., Any], **task_args: Any) -> Any:
     ``step("ec2_fleet", delivery.fleet)(plan, release, image)``: ``fleet(plan, ec2, ssm, region, release,
     image)`` on the run plan, the plan's ``ec2``/``ssm`` clients and region, and the two upstream values.
     """
-    from airflow.sdk import task
 
     @task(task_id=task_id, doc_md=call.__doc__, multiple_outputs=True, **task_args)
     def run_step(plan: dict, *values: Any) -> Any:
@@ -74,24 +74,4 @@ MAP_INDEX_TEMPLATE = "{{ dataset }}"
 
 def label_map_index(dataset: str) -> None:
     """Name this mapped task instance after its dataset in the grid (``map_index_template=MAP_INDEX_TEMPLATE``)."""
-    from airflow.sdk import get_current_context
-
     get_current_context()["dataset"] = dataset  # type: ignore[index]
-
-
-def no_retraining(decide_task_id: str = "decide_retraining") -> Any:
-    """The mapped ``no_retraining`` task: says why not, or skips itself (like ``RetrainTrigger``) when triggered."""
-    from airflow.sdk import task
-
-    @task(task_id="no_retraining", map_index_template=MAP_INDEX_TEMPLATE)
-    def no_retraining_task(ti: Any = None) -> dict:
-        """Say why no training run was triggered."""
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        decision = ti.xcom_pull(task_ids=decide_task_id, key="decision", map_indexes=ti.map_index)
-        label_map_index(decision["dataset"])
-        if reason := skip_reason(decision, triggers=False):
-            raise AirflowSkipException(reason)
-        return {"dataset": decision["dataset"], "outcome": decision["outcome"], "reason": decision["reason"]}
-
-    return no_retraining_task()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import task
 from great_expectations_provider.common.errors import GXValidationFailed
 from great_expectations_provider.operators.validate_batch import GXValidateBatchOperator
 
@@ -29,42 +31,45 @@ class SnapshotValidationOperator(GXValidateBatchOperator):
     operator_extra_links = (ValidationResultLink(),)
 
     def __init__(self, *, plan_task_id: str = "plan_run", **kwargs: Any) -> None:
+        # Placeholders: batch and suite are the run plan's, so ``execute`` binds them (nothing is read at parse time).
         super().__init__(
-            configure_batch_definition=self._batch_definition,
-            configure_expectations=self._expectations,
+            configure_batch_definition=lambda gx_context: None,
+            configure_expectations=lambda gx_context: None,
             result_format="SUMMARY",
             context_type="ephemeral",
             **kwargs,
         )
         self.plan_task_id = plan_task_id
-        self._plan: RunPlan | None = None
-
-    def _batch_definition(self, gx_context: Any) -> Any:
-        from tasks.validate import snapshot_batch_definition
-
-        return snapshot_batch_definition(gx_context, self._plan.layout.snapshot, runtime.aws_options(self._plan))
-
-    def _expectations(self, gx_context: Any) -> Any:
-        from tasks.validate import expectation_suite
-
-        return expectation_suite(self._plan.spec)
 
     def execute(self, context: Context) -> str:
-        from tasks.validate import describe_failures, write_validation_result
+        from tasks import validate
 
-        self._plan = plan = RunPlan.from_xcom(context["ti"].xcom_pull(task_ids=self.plan_task_id))
-        # Rebind to this instance: Airflow runs a copy of the operator built at parse time,
-        # and the callables given to __init__ are bound to the original.
-        self.configure_batch_definition = self._batch_definition
-        self.configure_expectations = self._expectations
+        plan = RunPlan.from_xcom(context["ti"].xcom_pull(task_ids=self.plan_task_id))
+        # Bound to this run's plan, on the instance Airflow runs (a copy of the one built at parse time).
+        self.configure_batch_definition = functools.partial(
+            validate.snapshot_batch_definition, location=plan.layout.snapshot, boto3_options=runtime.aws_options(plan)
+        )
+        self.configure_expectations = lambda gx_context: validate.expectation_suite(plan.spec)
         try:
             super().execute(context)
         except GXValidationFailed as failure:
             result = context["ti"].xcom_pull(task_ids=self.task_id)
-            result_uri = write_validation_result(runtime.s3(plan), plan.layout, result)
-            reasons = "; ".join(describe_failures(result)) or str(failure)
-            runtime.reject(plan, f"{reasons} (full result: {result_uri})", "validate")
-        return write_validation_result(runtime.s3(plan), plan.layout, context["ti"].xcom_pull(task_ids=self.task_id))
+            result_uri = validate.write_validation_result(runtime.s3(plan), plan.layout, result)
+            runtime.reject(plan, validate.rejection_reason(result, failure, result_uri), "validate")
+        result = context["ti"].xcom_pull(task_ids=self.task_id)
+        return validate.write_validation_result(runtime.s3(plan), plan.layout, result)
+
+
+def mapped_decision(ti: Any, decide_task_id: str, *, triggers: bool) -> dict:
+    """This map index's retrain decision (its instance named after the dataset); skips the branch task that
+    ``tasks.retrain.skip_reason`` says must not run (``triggers``: the trigger branch asks)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    decision = ti.xcom_pull(task_ids=decide_task_id, key="decision", map_indexes=ti.map_index)
+    label_map_index(decision["dataset"])
+    if reason := skip_reason(decision, triggers=triggers):
+        raise AirflowSkipException(reason)
+    return decision
 
 
 class RetrainTrigger(TriggerDagRunOperator):
@@ -83,13 +88,19 @@ class RetrainTrigger(TriggerDagRunOperator):
         self.decide_task_id = decide_task_id
 
     def execute(self, context: Context) -> Any:
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        ti = context["ti"]
-        decision = ti.xcom_pull(task_ids=self.decide_task_id, key="decision", map_indexes=ti.map_index)
-        label_map_index(decision["dataset"])
-        if reason := skip_reason(decision, triggers=True):
-            raise AirflowSkipException(reason)
+        decision = mapped_decision(context["ti"], self.decide_task_id, triggers=True)
         self.trigger_dag_id = decision["training_dag_id"]
         self.trigger_run_id, self.conf = decision["retrain"]["run_id"], decision["retrain"]["conf"]
         return super().execute(context)
+
+
+def no_retraining(decide_task_id: str = "decide_retraining") -> Any:
+    """The mapped ``no_retraining`` task: says why not, or skips itself (like ``RetrainTrigger``) when triggered."""
+
+    @task(task_id="no_retraining", map_index_template=MAP_INDEX_TEMPLATE)
+    def no_retraining_task(ti: Any = None) -> dict:
+        """Say why no training run was triggered."""
+        decision = mapped_decision(ti, decide_task_id, triggers=False)
+        return {"dataset": decision["dataset"], "outcome": decision["outcome"], "reason": decision["reason"]}
+
+    return no_retraining_task()

@@ -55,3 +55,12 @@ def test_an_aborted_release_names_the_model_version_and_the_reasons():
     payload = alerts.release_aborted("intrusion_flows", "5", "manual__1", outcome)
     assert payload["event"] == "release_aborted" and payload["dag_run_id"] == "manual__1"
     assert payload["text"] == "intrusion_flows v5: p99 800 ms > 500 ms; PSI 0.4" and payload["stage"] == "canary_10"
+
+
+def test_a_triggered_retrain_alerts_as_drift_when_the_drift_check_ran_else_as_quality():
+    decision = {"training_dag_id": "t", "retrain": {"run_id": "drift__x", "conf": {"dataset": "x", "reason": "psi"}}}
+    drift = alerts.retraining_triggered("network_security_drift", "r", decision, {"max_psi": 0.4}, None)
+    assert drift["event"] == "drift_retraining_triggered" and drift["max_psi"] == 0.4
+    quality = alerts.retraining_triggered("network_security_quality", "r", decision, None, {"model_name": "m"})
+    assert quality["event"] == "quality_retraining_triggered" and quality["training_run_id"] == "drift__x"
+    assert alerts.retraining_triggered("network_security_quality", "r", None, None, None)["training_run_id"] is None

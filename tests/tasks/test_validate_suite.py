@@ -205,3 +205,13 @@ def test_describe_failures_of_a_passing_result_is_empty() -> None:
     passing = {"success": True, "expectations": [e for e in GX_RESULT["expectations"] if e["success"]]}
     assert describe_failures(passing) == []
     assert describe_failures({}) == []
+
+
+def test_a_rejection_names_the_failed_expectations_or_the_error_and_where_the_result_is() -> None:
+    from tasks.validate import rejection_reason
+
+    reason = rejection_reason(GX_RESULT, RuntimeError("validation failed"), "s3://lake/r.json")
+    assert reason.startswith("expect_column_values_to_be_in_set(Favicon)") and "; " in reason
+    assert reason.endswith(" (full result: s3://lake/r.json)")
+    passed = {"expectations": [{"success": True}]}
+    assert rejection_reason(passed, RuntimeError("boom"), "s3://x") == "boom (full result: s3://x)"
