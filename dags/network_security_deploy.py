@@ -25,7 +25,7 @@ from airflow.sdk import Param, chain, dag, task
 
 from network_security import runtime
 from network_security.dag_parts import INCLUDE, default_args, ensure_monitoring_store
-from network_security.delivery import deploy_group
+from network_security.release import deploy_group
 from tasks import delivery
 from tasks.config import DEPLOY_DAG_ID
 from tasks.plan import RunPlan, plan_release

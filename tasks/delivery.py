@@ -254,6 +254,18 @@ def deployed_rows(
     return rows
 
 
+def record(
+    store: Store, dag_run_id: str, release: Mapping[str, Any], image: Mapping[str, Any], fleet: Mapping[str, Any] | None,
+    rollout_command_id: str | None, local: Mapping[str, Any] | None, smoke: Mapping[str, Any] | None,
+) -> dict:  # fmt: skip
+    """One row per target in the deployment log (skipped targets have no row); what was deployed where."""
+    rows = deployed_rows(
+        dag_run_id=dag_run_id, release=release, image=image, fleet=fleet, rollout_command_id=rollout_command_id,
+        local=local, smoke=smoke,
+    )  # fmt: skip
+    return record_deployment(store, rows, release)
+
+
 def record_deployment(store: Store, rows: Sequence[Mapping[str, Any]], release: Mapping[str, Any]) -> dict:
     """Write the rows; return what was deployed where (the served-model asset's details)."""
     monitoring_store.write(store, "deployment_log", rows)

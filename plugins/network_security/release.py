@@ -1,5 +1,6 @@
-"""The training DAG's ``release`` group: candidate, approval (manual only), image, candidate beside baseline,
-``shadow`` and ``canary_<p>`` (reschedule sensors), ``complete``, ``abort``, ``outcome``. Decisions: tasks.release*.
+"""The delivery task groups. The training DAG's ``release``: candidate, approval (manual only), image, candidate
+beside baseline, ``shadow`` and ``canary_<p>`` (reschedule sensors), ``complete``, ``abort``, ``outcome``. The deploy
+DAG's ``deploy``: redeploy / rollback of the champion. Decisions: tasks.release*, tasks.delivery.
 """
 
 from __future__ import annotations
@@ -7,17 +8,19 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from airflow.providers.amazon.aws.operators.ssm import SsmRunCommandOperator
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import PokeReturnValue, TaskGroup, TriggerRule, chain, task
 
 from network_security import alerts, assets, runtime
-from network_security.dag_parts import step
+from network_security.dag_parts import from_plan, step
 from tasks import delivery, release, release_run
 from tasks.alerts import release_aborted
 from tasks.plan import RunPlan
 from tasks.release import ReleaseAborted
 
 GROUP_ID = "release"
+DEPLOY_ID = "deploy"
 ALIASES_POOL = "aliases"
 POKE_SECONDS = 2  # fixed at parse time (no I/O then); AWS fleets bake minutes, 2 s pokes cost little
 STAGE_TIMEOUT = timedelta(hours=6)
@@ -25,8 +28,8 @@ APPROVAL_TIMEOUT = timedelta(minutes=release.ApprovalConfig().timeout_minutes)
 STAGES = ("shadow", "canary_10", "canary_50", "canary_100")
 
 
-def _pull(ti: Any, *task_ids: str, key: str = "return_value") -> list[Any]:
-    return [ti.xcom_pull(task_ids=f"{GROUP_ID}.{t}", key=key) for t in task_ids]
+def _pull(ti: Any, *task_ids: str, key: str = "return_value", group: str = GROUP_ID) -> list[Any]:
+    return [ti.xcom_pull(task_ids=f"{group}.{t}", key=key) for t in task_ids]
 
 
 def stage_sensor(stage: str) -> Any:
@@ -83,10 +86,8 @@ def release_group(plan: Any, evaluation: Any) -> TaskGroup:
         @task(task_id="abort", trigger_rule=TriggerRule.ONE_FAILED)
         def abort(plan: dict, run_id=None, ti=None) -> dict:
             """A stage failed: weight 0 on every target, the baseline serves, champion untouched; logged, alerted."""
-            chosen, deployed, evaluation = [
-                *_pull(ti, "candidate", "deploy_candidate"),
-                ti.xcom_pull(task_ids=evaluation_task_id),
-            ]
+            chosen, deployed = _pull(ti, "candidate", "deploy_candidate")
+            evaluation = ti.xcom_pull(task_ids=evaluation_task_id)
             with runtime.failures():  # the run failed before the release: nothing to abort (its own failure stands)
                 delivery.require_release(chosen)
             stage, verdict = release_run.first_abort(_pull(ti, *STAGES, key="abort_verdict"))
@@ -117,4 +118,54 @@ def release_group(plan: Any, evaluation: Any) -> TaskGroup:
         aborted = abort(plan)
         chain([image, deployed, *stages, completed], aborted)
         chain([completed, aborted], outcome(plan, evaluation))
+    return group
+
+
+def deploy_group(plan: Any) -> TaskGroup:
+    """Build the ``deploy`` task group for the champion of ``plan``'s model (``plan``: the ``plan_run`` XComArg)."""
+    plan_task_id = plan.operator.task_id
+    with TaskGroup(DEPLOY_ID, tooltip="Ship the champion: ECR image, EC2 via SSM, local server, smoke test") as group:
+        # ``plan`` is pulled, not passed: as a direct upstream its success would satisfy
+        # none_failed_min_one_success even when nothing was released (champion kept).
+        @task(
+            task_id="record_deployment",
+            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+            outlets=[assets.SERVED_MODEL],
+        )
+        def record_deployment(resolved: dict, image: dict, ti=None, outlet_events=None) -> dict:
+            """One row per target in the deployment log (skipped targets have no row)."""
+            shipped = _pull(ti, "ec2_fleet", "rollout_ec2", "serve_local", "smoke_test", group=DEPLOY_ID)
+            run = RunPlan.from_xcom(ti.xcom_pull(task_ids=plan_task_id))
+            recorded = runtime.call(delivery.record, run, resolved, image, *shipped)
+            outlet_events[assets.SERVED_MODEL].extra = recorded
+            return recorded
+
+        resolved = step("resolve_release", delivery.resolve_release)(plan)
+        image = step("publish_image", delivery.publish)(plan, resolved)
+        fleet = step("ec2_fleet", delivery.fleet)(plan, resolved, image)
+        rollout_ec2 = SsmRunCommandOperator(
+            task_id="rollout_ec2",
+            doc_md="Blue/green on each host through SSM Run Command: new container, health and version check, "
+            "nginx switch; the old container is kept for rollback.",
+            aws_conn_id=from_plan("settings", "aws_conn_id", plan_task_id=plan_task_id),
+            document_name="AWS-RunShellScript",
+            run_command_kwargs={
+                "InstanceIds": "{{ ti.xcom_pull(task_ids='deploy.ec2_fleet')['instance_ids'] }}",
+                "Parameters": {"commands": "{{ ti.xcom_pull(task_ids='deploy.ec2_fleet')['commands'] }}"},
+                "Comment": "network-security serving rollout",
+            },
+            wait_for_completion=True,
+            # Waits on the worker even where deferral is the default: the command takes seconds, and the
+            # emulator lacks the trigger's ListCommandInvocations (a deferred rollout fails there).
+            deferrable=False,
+            waiter_delay=10,
+            waiter_max_attempts=60,
+        )
+        local = step("serve_local", delivery.serve_local)(plan)
+        smoke = step("smoke_test", delivery.smoke)(plan, resolved, local)
+        recorded = record_deployment(resolved, image)
+        chain([resolved, image], local)
+        chain(fleet, rollout_ec2, recorded)
+        chain(smoke, recorded)
+
     return group

@@ -12,23 +12,20 @@ from typing import Any, NoReturn
 from airflow.sdk import get_current_context
 
 from tasks.config import SETTINGS_VARIABLE, Settings, training_dag_id
+from tasks.delivery import client_wanted, model_server_on
 from tasks.plan import CheckPlan, RunPlan
 
 
-def settings() -> Settings:
-    """Settings from the ``network_security_config`` Variable and ``NS_*`` environment."""
+def plan(build: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
+    """``build`` (a planner of ``tasks.plan``; the monitoring ones plan a list) on the settings (the
+    ``network_security_config`` Variable and ``NS_*``) and the known datasets, as XCom."""
     from airflow.sdk import Variable
 
-    return Settings.load(Variable.get(SETTINGS_VARIABLE, default="{}"))
-
-
-def plan(build: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
-    """``build`` (a planner of ``tasks.plan``; the monitoring ones plan a list) on the Variable's settings and the
-    known datasets, as XCom."""
     from tasks.dataset_spec import available_datasets
 
     with failures():
-        built = build(settings(), *args, known_datasets=available_datasets(), **kwargs)
+        settings = Settings.load(Variable.get(SETTINGS_VARIABLE, default="{}"))
+        built = build(settings, *args, known_datasets=available_datasets(), **kwargs)
     return [each.to_xcom() for each in built] if isinstance(built, list) else built.to_xcom()
 
 
@@ -43,17 +40,11 @@ def s3(plan: RunPlan | CheckPlan) -> Any:
     return _s3_hook(plan.settings.aws_conn_id).get_conn()
 
 
-def aws_client(plan: RunPlan, client_type: str) -> Any:
-    """Another boto3 client (``ecr``, ``ec2``, ``ssm``) from the same connection."""
+def _aws_hook(plan: RunPlan, client_type: str) -> Any:
+    """The hook of another boto3 client (``ecr``, ``ec2``, ``ssm``, ``cloudwatch``) on the same connection."""
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
-    return AwsBaseHook(aws_conn_id=plan.settings.aws_conn_id, client_type=client_type).get_conn()
-
-
-def aws_region(plan: RunPlan) -> str:
-    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-
-    return AwsBaseHook(aws_conn_id=plan.settings.aws_conn_id, client_type="sts").conn_region_name or "us-east-1"
+    return AwsBaseHook(aws_conn_id=plan.settings.aws_conn_id, client_type=client_type)
 
 
 def aws_options(plan: RunPlan | CheckPlan) -> dict[str, Any]:
@@ -85,13 +76,6 @@ def store(plan: RunPlan | CheckPlan) -> Any:
     return HookStore(connection(plan.settings.monitoring_conn_id).get_hook())
 
 
-def local_server(plan: RunPlan) -> Any:
-    """The local model server on the plan's serving connection (its password is the API key)."""
-    from tasks.delivery import model_server_on
-
-    return model_server_on(plan, connection(plan.settings.serving_conn_id), aws_options(plan))
-
-
 def registry_login(plan: RunPlan) -> Callable[[], tuple[str, str]]:
     """ECR's temporary docker credentials on the plan's AWS connection, fetched when an image is pushed."""
     from airflow.providers.amazon.aws.hooks.ecr import EcrHook
@@ -103,13 +87,14 @@ def registry_login(plan: RunPlan) -> Callable[[], tuple[str, str]]:
     return login
 
 
-# What a step's parameters may name (``tasks.delivery``'s docstring), built from the plan when the step runs.
+# What a step's parameters may name (``tasks.delivery``'s docstring), built from the plan when the step runs;
+# the local model server on the serving connection, whose password is its API key.
 PROVIDED: dict[str, Callable[[RunPlan], Any]] = {
     "s3": s3,
-    **{name: lambda plan, name=name: aws_client(plan, name) for name in ("ecr", "ec2", "ssm", "cloudwatch")},
-    "region": aws_region,
+    **{name: lambda plan, name=name: _aws_hook(plan, name).get_conn() for name in ("ecr", "ec2", "ssm", "cloudwatch")},
+    "region": lambda plan: _aws_hook(plan, "sts").conn_region_name or "us-east-1",
     "store": store,
-    "server": local_server,
+    "server": lambda plan: model_server_on(plan, connection(plan.settings.serving_conn_id), aws_options(plan)),
     "api_key": lambda plan: connection(plan.settings.serving_conn_id).password,
     "registry_login": registry_login,
     "dag_run_id": lambda plan: get_current_context()["run_id"],
@@ -119,8 +104,6 @@ PROVIDED: dict[str, Callable[[RunPlan], Any]] = {
 def call(step: Callable[..., Any], plan: RunPlan, *values: Any, **named: Any) -> Any:
     """``step`` (a function of ``tasks/``) on the plan, the clients its parameters name (``PROVIDED``; ``None``
     for a target the plan does not ship to: ``tasks.delivery.client_wanted``), then ``values`` in order."""
-    from tasks.delivery import client_wanted
-
     parameters = inspect.signature(step).parameters
     given = {"plan": plan} if "plan" in parameters else {}
     for name in PROVIDED.keys() & parameters.keys():

@@ -64,3 +64,24 @@ def test_the_hook_store_upserts_and_queries_with_named_parameters(store):
     )
     assert monitoring_store.drift_history(store, "network_security", "2026-01-01T12:00") == [True, False]
     assert monitoring_store.rows_of_run(store, "drift_check_of_run", "a")[0]["drift_detected"] == 0
+
+
+def test_a_step_gets_the_plan_the_clients_it_names_and_its_values_in_order(monkeypatch):
+    from types import SimpleNamespace
+
+    built = []
+
+    def provider(name):
+        return lambda plan: built.append(name) or f"{name}-client"
+
+    monkeypatch.setattr(runtime, "PROVIDED", {name: provider(name) for name in ("store", "server", "ssm", "region")})
+    plan = SimpleNamespace(deploy_targets=("local",), settings=SimpleNamespace(deploy_targets="local"))
+
+    def step(plan, store, chosen, deployed, *, server, ssm, region, fault=None):
+        return plan, store, chosen, deployed, server, ssm, region, fault
+
+    got = runtime.call(step, plan, "c", "d", fault="f")
+    assert got == (plan, "store-client", "c", "d", "server-client", None, "region-client", "f")
+    assert sorted(built) == ["region", "server", "store"]  # ssm: the plan does not ship to EC2
+    with pytest.raises(ValueError, match="zip"):  # more upstream values than the step takes
+        runtime.call(step, plan, "c", "d", "e")

@@ -141,3 +141,24 @@ def test_the_model_server_takes_its_keys_from_the_serving_connection(password, e
     connection = SimpleNamespace(host=None, port=None, password=password, extra_dejson=extra)
     with pytest.raises(ValueError, match=missing):
         delivery.model_server_on(plan(), connection, {})
+
+
+@pytest.mark.parametrize(
+    ("targets", "wanted"),
+    [
+        ("local,ec2", {"s3", "region", "store", "server", "api_key", "ec2", "ssm", "cloudwatch", "ecr"}),
+        ("local", {"s3", "region", "store", "server", "api_key", "ecr"}),
+        ("ec2", {"s3", "region", "store", "ec2", "ssm", "cloudwatch", "ecr"}),
+    ],
+)
+def test_a_step_gets_the_clients_of_the_targets_the_plan_ships_to(targets, wanted):
+    names = {"s3", "region", "store", "server", "api_key", "ec2", "ssm", "cloudwatch", "ecr"}
+    assert {name for name in names if delivery.client_wanted(plan(targets), name)} == wanted
+
+
+def test_record_writes_a_row_per_target_that_shipped_and_says_what_serves_where(store):
+    local = {"url": "http://x", "old_version": "6", "new_version": "7"}
+    recorded = delivery.record(store, "run", RELEASE, IMAGE, None, None, local, {"accuracy": 1.0})
+    assert recorded["targets"] == ["local"] and recorded["endpoint"] == "http://x"
+    (row,) = store.table("deployment_log")
+    assert row["dag_run_id"] == "run" and row["target"] == "local" and '"accuracy": 1.0' in row["detail"]
