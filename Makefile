@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 
-.PHONY: help venv run test test-unit test-integration lint format stack-up stack-down stop stack-status publish-drop suites lock clean-state deploy rollback bench-serving load-test bench-drift bench-train bench-pipeline airflow test-browser distributed-up distributed-down distributed-status distributed-test
+.PHONY: help venv run test test-unit test-integration lint format stack-up stack-down stop stack-status publish-drop suites lock clean-state deploy rollback bench-serving load-test bench-drift bench-train bench-pipeline bench-distributed airflow test-browser distributed-up distributed-down distributed-status distributed-test
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -94,6 +94,9 @@ bench-drift: $(STAMP) ## drift step vs Evidently on the full data at 100k, 1M, 1
 
 bench-train: $(STAMP) ## train step (CV + refit + MLflow + registry) vs a bare sklearn fit at 100k and 1M rows, and today's config (own stack; ~15 min)
 	nice $(PY) -m bench.train $(ARGS)
+
+bench-distributed: $(STAMP) ## mapped candidates on the distributed mode's 2 workers vs the same candidates in sequence, 1M rows (starts/stops its stack; ~15 min)
+	nice $(PY) -m bench.distributed_training $(ARGS)
 
 bench-pipeline: $(STAMP) ## the training DAG through `airflow dags test` vs its tasks/ functions in one process on a 1M-row drop (own stack)
 	nice $(PY) -m bench.pipeline $(ARGS)
