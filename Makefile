@@ -23,8 +23,13 @@ venv: $(STAMP) ## create the virtualenv (pinned by constraints.txt)
 run: $(STAMP) ## the closed loop on the embedded stack: train, deploy, serve, drift, retrain, redeploy (ARGS=--no-loop: first training only)
 	$(PY) -m scripts.run_pipeline $(if $(DS),--ds $(DS)) $(ARGS)
 
-test: $(STAMP) ## the whole test suite (unit, DAG integrity, integration on a private stack)
-	$(PY) -m pytest
+# `make test` runs the suite's files on TEST_WORKERS pytest-xdist processes (whole files per
+# worker, the integration modules first: tests/conftest.py); each worker starts its own private
+# stack. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
+test: $(STAMP) ## the whole test suite (unit, DAG integrity, integration on a private stack; TEST_WORKERS=2)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test-unit: $(STAMP) ## tests without the local stack
 	$(PY) -m pytest -m "not integration"

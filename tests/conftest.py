@@ -112,7 +112,18 @@ def webhook(monkeypatch):
 OPT_IN_MARKERS = ("browser", "distributed")
 
 
+# The slow files first: with `make test`'s workers (pytest-xdist, whole files per worker, in
+# this order) the DAG runs start at once and the quick unit files fill the gaps behind them.
+SLOW_FIRST = ("tests/integration/", "tests/infra/", "tests/serving/")
+
+
+def _slow_first(item) -> int:
+    path = item.nodeid
+    return next((rank for rank, prefix in enumerate(SLOW_FIRST) if path.startswith(prefix)), len(SLOW_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_slow_first)  # stable: each file keeps its own order
     expression = config.getoption("markexpr") or ""
     left_out = [m for m in OPT_IN_MARKERS if m not in expression]
     deselected = [item for item in items if any(item.get_closest_marker(m) for m in left_out)]
