@@ -19,10 +19,11 @@ drift DAG compares live traffic against.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,13 +170,14 @@ def cross_validate_candidate(
     started = time.perf_counter()
     folds = StratifiedKFold(n_splits=config.cv_folds, shuffle=True, random_state=config.seed)
     pipeline = Pipeline([("preprocess", clone(preprocessor)), ("model", ESTIMATORS[name](params, config.seed))])
-    scores = cross_validate(
-        pipeline,
-        cv_frame[spec.feature_names],
-        cv_frame[spec.target.name],
-        cv=folds,
-        scoring=scorers(spec.positive_class),
-    )
+    with _thread_pools():
+        scores = cross_validate(
+            pipeline,
+            cv_frame[spec.feature_names],
+            cv_frame[spec.target.name],
+            cv=folds,
+            scoring=scorers(spec.positive_class),
+        )
     cv_metrics = {}
     for metric in CV_METRICS:
         values = scores[f"test_{metric}"]
@@ -201,14 +203,22 @@ def cross_validate_candidates(
     return [cross_validate_candidate(preprocessor, cv_frame, spec, config, name) for name in config.candidates]
 
 
-def _blas_threads() -> Any:
+@contextlib.contextmanager
+def _thread_pools() -> Iterator[None]:
+    """One BLAS thread, and joblib on threads: the forest's ``n_jobs`` then uses the cores in a
+    Celery task process too. A Celery worker forks daemonic processes, where joblib's default
+    (loky) backend refuses to start and runs the forest's ``predict_proba`` (the CV scoring) on
+    one thread ("Loky-backed parallel loops cannot be called in a multiprocessing, setting
+    n_jobs=1"); the forest only needs threads (tests/tasks/test_train.py)."""
     # threadpoolctl limits the libraries loaded when it is entered: scipy's OpenBLAS
     # (lbfgs) loads with scipy.optimize, so that comes first.
+    import joblib
     import scipy.optimize  # noqa: F401
     import scipy.special  # noqa: F401
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=TRAINING_BLAS_THREADS, user_api="blas")
+    with threadpool_limits(limits=TRAINING_BLAS_THREADS, user_api="blas"), joblib.parallel_config(backend="threading"):
+        yield
 
 
 def best_candidate(results: list[CandidateResult], metric: str) -> CandidateResult:
@@ -239,7 +249,7 @@ def fit_final_pipeline(
     from sklearn.pipeline import Pipeline
 
     estimator = ESTIMATORS[candidate.name](candidate.params, seed)
-    with _blas_threads():
+    with _thread_pools():
         estimator.fit(preprocessor.transform(train[spec.feature_names]), train[spec.target.name])
     return Pipeline([("preprocess", preprocessor), ("model", estimator)])
 

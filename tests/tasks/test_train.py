@@ -91,6 +91,32 @@ def test_one_candidate_scores_as_the_loop_does(network_spec: DatasetSpec) -> Non
     assert 0.5 < alone.cv_metrics["cv_roc_auc_mean"] <= 1.0
 
 
+def _forest_cv_in_a_daemon(spec: DatasetSpec, sink) -> None:
+    import warnings
+
+    train = generate(spec, 400, seed=3)
+    config = TrainingConfig(cv_folds=2, seed=1, candidates={"random_forest": {"n_estimators": 4, "n_jobs": -1}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cross_validate_candidate(build_preprocessor(spec), train, spec, config, "random_forest")
+    sink.put([str(w.message) for w in caught])
+
+
+def test_the_forest_keeps_its_threads_in_a_daemonic_worker(network_spec: DatasetSpec) -> None:
+    """A Celery worker's task processes are daemonic, where joblib's default backend (loky)
+    falls back to n_jobs=1 with a warning; the CV must run the forest on threads there."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    sink = context.Queue()
+    process = context.Process(target=_forest_cv_in_a_daemon, args=(network_spec, sink), daemon=True)
+    process.start()
+    messages = sink.get(timeout=120)
+    process.join(timeout=30)
+    assert process.exitcode == 0
+    assert not [m for m in messages if "n_jobs=1" in m or "Loky" in m], messages
+
+
 def test_an_unknown_candidate_is_refused(network_spec: DatasetSpec) -> None:
     train = generate(network_spec, 200, seed=3)
     with pytest.raises(ValueError, match="'random_forest' is not a candidate"):
