@@ -48,6 +48,9 @@ AIRFLOW_SETTINGS: dict[str, str] = {
     # Unacknowledged messages of a dead worker are not redelivered before this: a lost task
     # comes back through the heartbeat timeout above, as a retry, instead.
     "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
+    # Airflow's Celery config, and each worker imports the pipeline's libraries once before it
+    # forks task processes (scripts/distributed/celery_config.py, tasks/preload.py).
+    "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "scripts.distributed.celery_config.CELERY_CONFIG",
 }
 # ``airflow <args>`` of each distributed Airflow component (compose runs the same commands).
 AIRFLOW_COMPONENTS: dict[str, tuple[str, ...]] = {

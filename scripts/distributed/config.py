@@ -23,7 +23,6 @@ START_HINT = "python -m scripts.distributed up"
 # ``hostname``. Both workers run on this machine, so the FQDN would not tell them apart.
 HOSTNAME_VAR = "NS_DIST_HOSTNAME"
 HOSTNAME_CALLABLE = "scripts.distributed.worker_hostname"
-CELERY_CONFIG_OPTIONS = "scripts.distributed.celery_config.CELERY_CONFIG"
 
 
 class DistError(RuntimeError):
@@ -146,9 +145,6 @@ def environment(config: Config) -> dict[str, str]:
             "AIRFLOW__CELERY__BROKER_URL": config.broker_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + airflow_db,
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(config.worker_concurrency),
-            # Airflow's Celery config, and the workers import the pipeline's libraries once before
-            # forking task processes (scripts/distributed/celery_config.py).
-            "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": CELERY_CONFIG_OPTIONS,
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(config.heartbeat_timeout),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{config.api_url}/execution/",
             "AIRFLOW__API__BASE_URL": config.api_url,
