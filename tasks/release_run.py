@@ -63,8 +63,16 @@ def candidate_release(chosen: Mapping[str, Any]) -> dict[str, Any]:
     return {**chosen, "model_version": chosen["candidate_version"]}
 
 
-def publish_candidate(ecr: Any, chosen: Mapping[str, Any], registry_login: Any = None) -> dict[str, Any]:
-    """The candidate's serving image in ECR (scan on push, immutable tag = model version)."""
+def publish_candidate(ecr: Any, chosen: Mapping[str, Any] | None, registry_login: Any = None) -> dict[str, Any]:
+    """The candidate's serving image in ECR (scan on push, immutable tag = model version).
+
+    Raises:
+        tasks.delivery.NothingReleased: The gate kept the champion, so there is no candidate (the task
+            skips, and the release group after it). The task runs all the same: its trigger rule lets
+            a skipped approval through, and the run plan it takes is a successful upstream.
+    """
+    if chosen is None:
+        raise delivery.NothingReleased("no candidate: the gate kept the champion, nothing to publish")
     return delivery.publish(ecr, candidate_release(chosen), registry_login)
 
 

@@ -180,3 +180,16 @@ def test_the_candidate_ships_as_its_own_version_and_only_to_the_targets_given():
         region="us-east-1",
     )  # fmt: skip
     assert nothing == {"targets": []}
+
+
+def test_without_a_candidate_the_image_step_skips_and_touches_no_registry():
+    """The gate kept the champion: ``publish_image`` still runs (its trigger rule, the plan upstream) and must
+    skip, not fail three times on the missing candidate."""
+    from tasks import delivery
+
+    class NoRegistry:
+        def __getattr__(self, name):
+            raise AssertionError(f"ECR called: {name}")
+
+    with pytest.raises(delivery.NothingReleased, match="the gate kept the champion"):
+        release_run.publish_candidate(NoRegistry(), None)
