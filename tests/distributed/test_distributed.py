@@ -92,12 +92,18 @@ def dist(request) -> Stack:
         print(f"distributed stack up in {time.monotonic() - started:.0f}s")
         yield Stack(config, env, distributed.api(config), services.s3_client(env))
     finally:
-        if request.session.testsfailed > failed_before:
+        failed = request.session.testsfailed > failed_before
+        if failed:
             reporter = request.config.pluginmanager.get_plugin("terminalreporter")
             if reporter is not None:
-                reporter.write_line(f"\ndistributed stack logs: {config.where_logs()}", red=True)
+                reporter.write_line(
+                    f"\ndistributed stack logs: {config.where_logs()}; its databases are kept for a look "
+                    "(`python -m scripts.distributed down --drop` drops them)",
+                    red=True,
+                )
         if not os.environ.get("NS_DIST_KEEP"):
-            distributed.down(config)
+            # The shared Postgres and Redis outlive the run: a passing run leaves nothing in them.
+            distributed.down(config, drop=not failed)
 
 
 def _layout(ds: str) -> DayLayout:
